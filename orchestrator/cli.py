@@ -1,0 +1,69 @@
+"""`orchestrator` command line: one sub-command per verb, each a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestrator.config import ConfigError
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="run the data pipeline of a config and print counts")
+    _add_config(p)
+    p.add_argument("--parquet-dir", help="write the tokenized splits to Parquet here (atomically)")
+
+    p = sub.add_parser("init-model", help="build the embedded tiny Llama base model and tokenizer")
+    _add_config(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+
+    p = sub.add_parser("validate", help="validate a config and print it with overrides applied")
+    _add_config(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from orchestrator.runtime import setup_logging
+
+    setup_logging(args.verbose)
+    try:
+        if args.command == "prepare":
+            from orchestrator.prepare import run_prepare
+
+            run_prepare(args.config, args.overrides, args.parquet_dir)
+        elif args.command == "init-model":
+            from orchestrator.config import load_config
+            from orchestrator.tiny import ensure_base_model
+
+            cfg = load_config(args.config, args.overrides)
+            if not cfg.model.build_tiny:
+                raise ConfigError(f"{args.config}: model.build_tiny is false; nothing to build")
+            if args.force:
+                import shutil
+
+                shutil.rmtree(cfg.model.name_or_path, ignore_errors=True)
+            ensure_base_model(cfg)
+            print(f"tiny base model: {cfg.model.name_or_path}")
+        elif args.command == "validate":
+            from orchestrator.config import dump_config, load_config
+
+            print(dump_config(load_config(args.config, args.overrides)), end="")
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

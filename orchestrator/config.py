@@ -1,0 +1,352 @@
+"""One validated schema for a run: model, quantization, LoRA, data, training, scaling, tune, serve.
+
+A run is one YAML file. ``load_config(path, overrides)`` reads it, applies ``--set a.b=value``
+overrides and validates everything before Ray starts; any problem raises :class:`ConfigError`
+naming the file, the dotted field path and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# A model shipped inside a Python package: "package:MODULE" (the module's get_model_path()).
+PACKAGE_SCHEME = "package:"
+
+
+class ConfigError(ValueError):
+    """A run config is unreadable or invalid. The message names the file, field and reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Base model: a hub id or a local path, and the task it is fine-tuned for."""
+
+    name_or_path: str = Field(description="Hub id (e.g. meta-llama/Llama-2-7b-hf) or local directory.")
+    task: Literal["causal_lm", "token_classification"] = "causal_lm"
+    build_tiny: bool = Field(
+        False,
+        description="Build the embedded tiny Llama model at name_or_path first if it is missing "
+        "(`orchestrator init-model`).",
+    )
+    trust_remote_code: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = "sdpa"
+    revision: str | None = None
+
+
+class QuantizationConfig(_Strict):
+    """bitsandbytes quantization of the frozen base model."""
+
+    bits: Literal[4, 8, 16] = Field(4, description="4 (QLoRA), 8 (LLM.int8) or 16 (no quantization).")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Storage dtype of 4-bit weights; DeepSpeed ZeRO-3 needs it equal to compute_dtype."
+    )
+    skip_modules: list[str] = Field(
+        default_factory=list, description="Modules kept out of quantization (e.g. a new classifier head)."
+    )
+
+
+class LoraConfig(_Strict):
+    """peft LoRA adapter."""
+
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class QAGeneratorConfig(_Strict):
+    """How question/answer pairs are made from the segmented articles."""
+
+    kind: Literal["rules", "llm", "jsonl"] = "rules"
+    jsonl_path: str | None = Field(None, description="User QA pairs ({question, answer} per line) for kind=jsonl.")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint for kind=llm, e.g. http://host/v1.")
+    model: str | None = None
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    questions_per_article: int = Field(3, ge=1, le=20)
+    max_retries: int = Field(5, ge=0)
+    requests_per_second: float = Field(2.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+    cache_dir: str = Field("runs/.qa-cache", description="Responses cached here so a re-run never pays twice.")
+    max_articles: int | None = Field(None, ge=1, description="Use only the first N articles (tests, demos).")
+
+    @model_validator(mode="after")
+    def _needs(self) -> QAGeneratorConfig:
+        if self.kind == "llm" and not (self.base_url and self.model):
+            raise ValueError("kind=llm needs base_url and model")
+        if self.kind == "jsonl" and not self.jsonl_path:
+            raise ValueError("kind=jsonl needs jsonl_path")
+        return self
+
+
+class DataConfig(_Strict):
+    """Sources and tokenization. ``format`` picks the pipeline."""
+
+    format: Literal["pdf", "conll", "ner_json", "qa_jsonl"]
+    train: list[str] = Field(description="Files for training (for pdf: the documents).")
+    validation: list[str] = Field(default_factory=list)
+    test: list[str] = Field(default_factory=list)
+    split_seed: int = Field(42, description="Seed of the 80/10/10 split used when only train is given.")
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    max_seq_length: int = Field(512, ge=8, le=131072)
+    packing: bool = Field(True, description="Pack short examples into full rows (causal_lm) instead of padding.")
+    pad_to_multiple_of: int | None = None
+    qa: QAGeneratorConfig = Field(default_factory=QAGeneratorConfig)
+    chat_template: Literal["auto", "plain"] = Field(
+        "auto", description="auto: the tokenizer's chat template if it has one, else the plain ### template."
+    )
+    system_prompt: str | None = None
+    label_all_subtokens: bool = Field(False, description="NER: label every sub-token, not just the first.")
+    repair: bool = Field(False, description="NER: fix I- without B- and drop empty sentences (counted) instead of failing.")
+    max_examples: int | None = Field(None, ge=1, description="Cap examples per split (tests, demos).")
+    tokenize_actors: int = Field(2, ge=1, description="Actor pool size for tokenization.")
+    tokenize_batch_size: int = Field(256, ge=1)
+    parquet_dir: str | None = Field(None, description="Write tokenized splits here once; later runs re-read them.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ValueError("split_fractions must be non-negative and sum to 1")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Optimization. Either epochs or max_steps bounds the run (max_steps wins when set)."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0, lt=1)
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "paged_adamw_32bit"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = True
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps (and at the end).")
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_metric: str = "val_loss"
+    checkpoint_mode: Literal["min", "max"] = "min"
+    log_every: int = Field(1, ge=1)
+    strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
+    max_failures: int = Field(2, ge=0)
+
+
+class ScalingConfig(_Strict):
+    """Ray Train workers."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class SearchDim(_Strict):
+    """One dimension of a Tune search space."""
+
+    type: Literal["choice", "uniform", "loguniform", "randint", "grid"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDim:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"{self.type} needs a non-empty values list")
+        elif self.low is None or self.high is None or self.low >= self.high:
+            raise ValueError(f"{self.type} needs low < high")
+        if self.type == "loguniform" and (self.low or 0) <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+
+class TuneConfig(_Strict):
+    """Ray Tune study: search space over any dotted config field."""
+
+    search_space: dict[str, SearchDim] = Field(default_factory=dict)
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(4, ge=1)
+    search_alg: Literal["random", "optuna"] = "random"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    trial_max_failures: int = Field(1, ge=0)
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ServeConfig(_Strict):
+    """Ray Serve deployment of the merged model."""
+
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    gpus_per_replica: float = Field(0, ge=0)
+    cpus_per_replica: float = Field(1, gt=0)
+    max_ongoing_requests: int = Field(8, ge=1)
+    max_queued_requests: int = Field(32, ge=-1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_tokens_limit: int = Field(512, ge=1)
+    auth_token_env: str | None = None
+
+
+class RunConfig(_Strict):
+    """A whole run. Relative paths resolve against the project root."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelConfig
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    output_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        fmt, task = self.data.format, self.model.task
+        if task == "causal_lm" and fmt not in ("pdf", "qa_jsonl"):
+            raise ValueError(f"data.format={fmt} does not fit model.task=causal_lm (use pdf or qa_jsonl)")
+        if task == "token_classification" and fmt not in ("conll", "ner_json"):
+            raise ValueError(f"data.format={fmt} does not fit model.task=token_classification (use conll or ner_json)")
+        if self.train.strategy.startswith("deepspeed") and not self.scaling.use_gpu:
+            raise ValueError("train.strategy=deepspeed_* needs scaling.use_gpu=true")
+        if self.train.precision == "bf16" and self.quantization.compute_dtype == "float16":
+            raise ValueError("train.precision=bf16 with quantization.compute_dtype=float16 mixes dtypes; pick one")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def absolutize(self, base: Path | None = None) -> RunConfig:
+        """Make every local path absolute (relative paths are relative to ``base``, default the CWD),
+        so Ray workers, which may run elsewhere, see the same files. Hub ids stay as they are."""
+        base = (base or Path.cwd()).resolve()
+
+        def fix(p: str | None) -> str | None:
+            if p is None or "://" in p:
+                return p
+            q = Path(p).expanduser()
+            return str(q if q.is_absolute() else base / q)
+
+        d = self.data
+        d.train = [fix(p) for p in d.train]
+        d.validation = [fix(p) for p in d.validation]
+        d.test = [fix(p) for p in d.test]
+        d.qa.jsonl_path = fix(d.qa.jsonl_path)
+        d.qa.cache_dir = fix(d.qa.cache_dir)
+        d.parquet_dir = fix(d.parquet_dir)
+        self.output_dir = fix(self.output_dir)
+        m = self.model.name_or_path
+        if not m.startswith(PACKAGE_SCHEME) and (self.model.build_tiny or (base / m).exists() or m.startswith((".", "/", "~"))):
+            self.model.name_or_path = fix(m)
+        return self
+
+
+FieldPath = Annotated[str, "dotted path such as train.lr"]
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, bools, lists, null)."""
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a raw config dict (in place) and return it."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. train.lr=1e-4")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid run config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Validate a raw dict into a RunConfig, or raise ConfigError naming source and field paths."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with file-and-line errors for bad YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a run config must be a YAML mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load, override and validate a run config file."""
+    raw = apply_overrides(read_raw(path), overrides)
+    return validate_config(raw, str(path)).absolutize()
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """Serialize a config back to YAML (ready to run)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

