@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--parquet-dir", help="write the tokenized splits to Parquet here (atomically)")
 
+    p = sub.add_parser("train", help="QLoRA fine-tune on Ray Train; writes adapter, metrics and report")
+    _add_config(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
     p = sub.add_parser("init-model", help="build the embedded tiny Llama base model and tokenizer")
     _add_config(p)
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
@@ -42,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.prepare import run_prepare
 
             run_prepare(args.config, args.overrides, args.parquet_dir)
+        elif args.command == "train":
+            from orchestrator.train import run_train
+
+            run_train(args.config, args.overrides, args.resume)
         elif args.command == "init-model":
             from orchestrator.config import load_config
             from orchestrator.tiny import ensure_base_model

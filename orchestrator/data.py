@@ -292,7 +292,7 @@ def make_collate(pad_id: int, packed: bool, multiple_of: int | None = None):
 
     def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if packed:
-            return {k: torch.as_tensor(np.asarray(batch[k])) for k in ("input_ids", "labels", "position_ids")}
+            return {k: torch.as_tensor(np.asarray(batch[k])) for k in ("input_ids", "labels", "position_ids", "num_tokens")}
         out = pad_batch({"input_ids": list(batch["input_ids"]), "labels": list(batch["labels"])}, pad_id, multiple_of)
         return {k: torch.as_tensor(v) for k, v in out.items()}
 

@@ -5,6 +5,8 @@ Causal LM rows: ``input_ids``, ``labels`` (-100 on prompt tokens, so loss is on 
 ``position_ids`` restart at 0 for every example. With ``attention_mask`` left out, transformers
 derives a block-diagonal causal mask from those restarts (``find_packed_sequence_indices``), so no
 token attends to another example in its row; flash-attention uses the same restarts as cu_seqlens.
+The forward pass must run with ``use_cache=False`` (as training does): with a KV cache, transformers
+skips that detection.
 """
 
 from __future__ import annotations

@@ -1,0 +1,394 @@
+"""`orchestrator train CONFIG`: QLoRA fine-tuning on Ray Train (TorchTrainer), one loop for both tasks.
+
+The loop reads top to bottom: load the quantized base + LoRA, build optimizer and schedule, restore a
+checkpoint if Ray Train hands one over, then for each optimizer step accumulate micro-batches
+(without DDP gradient sync except on the last), clip, step, report, and every ``eval_every`` steps
+validate and checkpoint. The task differences (collation, metrics) live in :mod:`orchestrator.tasks`.
+
+Exact resume: a checkpoint holds the adapter (standard PEFT files), optimizer, scheduler, RNG states,
+the global step and the data position (epoch, micro-batches consumed). Each rank's shard is a
+deterministic split of the training set, shuffled per epoch with a seeded local buffer, so on resume
+the loop skips exactly the micro-batches already consumed and no optimizer step is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator.config import ConfigError, RunConfig, load_config
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+FAULT_ENV = "ORCHESTRATOR_FAULT"  # "step=K,rank=R,mode=raise|exit": fail once, for resume tests
+
+
+# ---------------------------------------------------------------- pieces used by the loop
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if t.optimizer == "adamw_torch":
+        return torch.optim.AdamW(groups, lr=t.lr)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW32bit if t.optimizer == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
+    return cls(groups, lr=t.lr)
+
+
+def make_scheduler(cfg: RunConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.schedule]
+    warmup = int(math.ceil(cfg.train.warmup_ratio * total_steps))
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    if cfg.train.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Plan:
+    """How many micro-batches and optimizer steps the run has, per rank."""
+
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def make(cfg_cls, cfg: RunConfig, rows_per_rank: int) -> Plan:
+        t = cfg.train
+        micro = max(1, math.ceil(rows_per_rank / t.micro_batch_size))
+        per_epoch = math.ceil(micro / t.grad_accum)
+        total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+        return cfg_cls(micro, per_epoch, total)
+
+    def micro_in_step(self, step_in_epoch: int, grad_accum: int) -> int:
+        """Micro-batches that make up optimizer step ``step_in_epoch`` (the last one may be short)."""
+        return min(grad_accum, self.micro_per_epoch - step_in_epoch * grad_accum)
+
+
+def maybe_fail(step: int, rank: int, run_dir: Path) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    f = dict(kv.split("=") for kv in spec.split(","))
+    marker = run_dir / f".fault-{f['step']}-{f['rank']}"
+    if step == int(f["step"]) and rank == int(f["rank"]) and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("injected")
+        if f.get("mode") == "exit":
+            os._exit(1)
+        raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+
+
+# ---------------------------------------------------------------- the loop (runs on every worker)
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    import ray.train
+    import torch.distributed as dist
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from orchestrator.data import load_tokenizer
+    from orchestrator.model import load_for_training, param_counts
+    from orchestrator.tasks import EvalAccumulator, count_real_tokens, make_task
+
+    cfg = RunConfig.model_validate(loop["run"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = Path(loop["run_dir"])
+    seed_everything(t.seed)
+    device = ray.train.torch.get_device()
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    labels = loop.get("labels")
+    model = load_for_training(cfg, device, labels)
+    if rank == 0:
+        trainable, total = param_counts(model)
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False,
+                                              parallel_strategy_kwargs={"find_unused_parameters": False})
+    core = model.module if hasattr(model, "module") else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    plan = Plan.make(cfg, loop["rows_per_rank"])
+    scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" and device.type == "cuda" else None
+    task = make_task(cfg.model.task, tokenizer.pad_token_id, cfg.data.packing, labels)
+
+    step, epoch, micro_done, history = 0, 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+            set_peft_model_state_dict(core, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+            step, epoch, micro_done, history = state["step"], state["epoch"], state["micro_done"], state["history"]
+        if rank == 0:
+            print(f"resumed at step {step} (epoch {epoch}, {micro_done} micro-batches into it)")
+
+    def evaluate() -> dict[str, float]:
+        core.eval()
+        acc = EvalAccumulator()
+        shard = ray.train.get_dataset_shard("validation")
+        with torch.no_grad(), autocast(cfg, device):
+            for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=task.collate,
+                                                  device=device):
+                out = core(**task.forward_inputs(batch), use_cache=False) if cfg.model.task == "causal_lm" \
+                    else core(**task.forward_inputs(batch))
+                task.accumulate(acc, batch, out)
+        core.train()
+        parts = [None] * world
+        if world > 1:
+            dist.all_gather_object(parts, acc)
+        else:
+            parts = [acc]
+        return task.finalize(parts)
+
+    def save_and_report(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                core.save_pretrained(Path(tmp) / "adapter")
+                tokenizer.save_pretrained(Path(tmp) / "adapter")
+                if labels:
+                    (Path(tmp) / "adapter" / "labels.json").write_text(json.dumps(labels))
+            rngs = [None] * world
+            if world > 1:
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs = [rng_state()]
+            if rank == 0:
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+                            "step": step, "epoch": epoch, "micro_done": micro_done, "history": history},
+                           Path(tmp) / STATE_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    t_window, tok_window = time.perf_counter(), 0
+    while step < plan.total_steps:
+        batches = iter(train_shard.iter_torch_batches(
+            batch_size=t.micro_batch_size, collate_fn=task.collate, device=device,
+            local_shuffle_buffer_size=max(256, 4 * t.micro_batch_size), local_shuffle_seed=t.seed + epoch))
+        for _ in range(micro_done):  # data position on resume: skip what was consumed
+            next(batches)
+        while micro_done < plan.micro_per_epoch and step < plan.total_steps:
+            n_micro = plan.micro_in_step(micro_done // t.grad_accum, t.grad_accum)
+            loss_sum = 0.0
+            for k in range(n_micro):
+                batch = next(batches)
+                sync = k == n_micro - 1 or world == 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg, device):
+                    out = model(**task.forward_inputs(batch))
+                    loss = out.loss / n_micro
+                (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += float(loss)
+                tok_window += count_real_tokens(batch)
+            micro_done += n_micro
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            maybe_fail(step, rank, run_dir)
+            losses = [None] * world
+            if world > 1:
+                dist.all_gather_object(losses, loss_sum)
+            else:
+                losses = [loss_sum]
+            now = time.perf_counter()
+            tokens_total = tok_window * world
+            metrics = {"step": step, "epoch": epoch + micro_done / plan.micro_per_epoch,
+                       "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "tokens_per_s": tokens_total / max(now - t_window, 1e-9),
+                       "peak_memory_mb": peak_memory_mb(device)}
+            t_window, tok_window = now, 0
+            is_eval = step % t.eval_every == 0 or step == plan.total_steps
+            if is_eval:
+                metrics.update(evaluate())
+            history.append(metrics)
+            if rank == 0 and (step % t.log_every == 0 or is_eval):
+                print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}))
+            if is_eval:
+                save_and_report(metrics)
+            elif step % t.log_every == 0:
+                ray.train.report(metrics)
+        if micro_done >= plan.micro_per_epoch:
+            epoch, micro_done = epoch + 1, 0
+
+
+# ---------------------------------------------------------------- driver side
+
+class DeterministicSplit:
+    """Ray Train DataConfig that gives each worker a deterministic shard (same rows in the same order on
+    every run), which exact resume needs; streaming_split hands blocks to whichever worker asks first."""
+
+    def __new__(cls, *args, **kwargs):
+        from ray.train import DataConfig
+
+        class _Split(DataConfig):
+            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kw):
+                out = [{} for _ in range(world_size)]
+                for name, ds in datasets.items():
+                    ds = ds.copy(ds)
+                    ds.context.execution_options.preserve_order = True
+                    parts = ds.split(world_size, equal=(name == "train"))
+                    for i, part in enumerate(parts):
+                        out[i][name] = part.iterator()
+                return out
+
+        return _Split(*args, **kwargs)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    best_checkpoint: str | None
+
+
+def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks: list | None = None) -> TrainResult:
+    """Fit with Ray Train and write the final adapter, metrics JSON and run report into the run dir."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.model import check_model_source
+    from orchestrator.prepare import prepare_data
+    from orchestrator.report import write_run_outputs
+
+    s = cfg.scaling
+    if s.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+        if gpus < s.num_workers * s.gpus_per_worker:
+            raise ConfigError(f"scaling.use_gpu=true needs {s.num_workers * s.gpus_per_worker:g} GPUs; "
+                              f"this Ray cluster has {gpus:g}. Set scaling.use_gpu=false to train on CPUs.")
+    check_model_source(cfg.model.name_or_path)
+    run_dir = Path(cfg.run_dir)
+    ray_dir = run_dir / "train"
+    if ray_dir.exists() and not resume:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, "
+                          f"or choose another name (--set name=...)")
+    if resume and not ray_dir.exists():
+        raise ConfigError(f"--resume: {run_dir} holds no run to resume")
+    prepared = prepared or prepare_data(cfg)
+    train_ds = prepared.datasets["train"].materialize()
+    val_ds = prepared.datasets.get("validation") or prepared.datasets.get("test")
+    rows = train_ds.count()
+    rows_per_rank = rows // s.num_workers
+    if rows_per_rank == 0:
+        raise ConfigError(f"data: {rows} training rows cannot feed {s.num_workers} workers")
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    loop = {"run": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "labels": prepared.labels,
+            "rows_per_rank": rows_per_rank}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        datasets={"train": train_ds, "validation": val_ds.materialize()},
+        dataset_config=DeterministicSplit(),
+        run_config=RayRunConfig(
+            name="train", storage_path=str(run_dir), callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute=cfg.train.checkpoint_metric,
+                                               checkpoint_score_order=cfg.train.checkpoint_mode)))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    latest = result.checkpoint
+    if latest is None:
+        raise RuntimeError(f"{run_dir}: training reported no checkpoint")
+    best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) or latest
+    with latest.as_directory() as d:
+        history = torch.load(Path(d) / STATE_FILE, weights_only=False)["history"]
+    with best.as_directory() as d:
+        adapter_dir = run_dir / "adapter"
+        from orchestrator.io import atomic_dir
+
+        with atomic_dir(adapter_dir) as tmp:
+            shutil.copytree(Path(d) / "adapter", tmp, dirs_exist_ok=True)
+    final = history[-1]
+    write_run_outputs(cfg, run_dir, history, best_path=best.path)
+    return TrainResult(run_dir, adapter_dir, final, history, best.path)
+
+
+def run_train(config: str | Path, overrides: list[str] | None = None, resume: str | None = None) -> TrainResult:
+    """Entry for `orchestrator train` and jobs/train.py."""
+    from orchestrator.runtime import init_ray
+
+    cfg = load_config(config, overrides)
+    if resume:
+        resume_dir = Path(resume).resolve()
+        cfg.output_dir, cfg.name = str(resume_dir.parent), resume_dir.name
+    init_ray()
+    result = run_training(cfg, resume=bool(resume))
+    print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.json'}\n"
+          f"report:  {result.run_dir / 'report.md'}")
+    return result

