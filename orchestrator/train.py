@@ -183,7 +183,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     def evaluate() -> dict[str, float]:
         core.eval()
         acc = EvalAccumulator()
-        shard = ray.train.get_dataset_shard("validation")
+        shard = ray.train.get_dataset_shard(shard_name("validation"))
         with torch.no_grad(), autocast(cfg, device):
             for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=task.collate,
                                                   device=device):
@@ -218,7 +218,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = ray.train.get_dataset_shard(shard_name("train"))
     t_window, tok_window = time.perf_counter(), 0
     while step < plan.total_steps:
         batches = iter(train_shard.iter_torch_batches(
@@ -279,25 +279,36 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- driver side
 
-class DeterministicSplit:
-    """Ray Train DataConfig that gives each worker a deterministic shard (same rows in the same order on
-    every run), which exact resume needs; streaming_split hands blocks to whichever worker asks first."""
+def deterministic_shards(datasets: dict[str, Any], world: int) -> dict[str, Any]:
+    """Split each dataset on the driver into ``world`` fixed shards named ``NAME@RANK``.
 
-    def __new__(cls, *args, **kwargs):
-        from ray.train import DataConfig
+    Exact resume needs every rank to see the same rows in the same order on every run;
+    streaming_split hands blocks to whichever worker asks first. Splitting here, before the
+    workers take the CPUs, also keeps Ray Data's split tasks from waiting on resources."""
+    out = {}
+    for name, ds in datasets.items():
+        for i, part in enumerate(ds.split(world, equal=(name == "train"))):
+            out[f"{name}@{i}"] = part
+    return out
 
-        class _Split(DataConfig):
-            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kw):
-                out = [{} for _ in range(world_size)]
-                for name, ds in datasets.items():
-                    ds = ds.copy(ds)
-                    ds.context.execution_options.preserve_order = True
-                    parts = ds.split(world_size, equal=(name == "train"))
-                    for i, part in enumerate(parts):
-                        out[i][name] = part.iterator()
-                return out
 
-        return _Split(*args, **kwargs)
+def shard_config():
+    """A Ray Train DataConfig that hands rank i the shards named ``NAME@i`` (ask for ``shard_name``)."""
+    from ray.train import DataConfig
+
+    class _Shards(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kw):
+            # Every rank is offered every shard (Ray Train requires each name on each rank); a rank only
+            # ever asks for its own.
+            return [{key: ds.iterator() for key, ds in datasets.items()} for _ in range(world_size)]
+
+    return _Shards()
+
+
+def shard_name(name: str) -> str:
+    import ray.train
+
+    return f"{name}@{ray.train.get_context().get_world_rank()}"
 
 
 @dataclass
@@ -351,8 +362,8 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        datasets={"train": train_ds, "validation": val_ds.materialize()},
-        dataset_config=DeterministicSplit(),
+        datasets=deterministic_shards({"train": train_ds, "validation": val_ds.materialize()}, s.num_workers),
+        dataset_config=shard_config(),
         run_config=RayRunConfig(
             name="train", storage_path=str(run_dir), callbacks=callbacks,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),

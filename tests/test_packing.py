@@ -10,7 +10,7 @@ from orchestrator.tokenization import IGNORE, encode_qa, pack, pad_batch
 
 
 def _examples(tok, n=12):
-    qs = [("What is Article %d about?" % i, "It is about thing number %d. " % i * (1 + i % 4)) for i in range(n)]
+    qs = [(f"What is Article {i} about?", f"It is about thing number {i}. " * (1 + i % 4)) for i in range(n)]
     return [encode_qa(tok, q, a, max_len=96) for q, a in qs]
 
 
