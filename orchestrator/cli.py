@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
+    p = sub.add_parser("eval", help="score an adapter on the test split (NER P/R/F1; QA EM, F1, ROUGE-L)")
+    _add_config(p)
+    p.add_argument("--adapter", required=True, help="adapter directory (a run's adapter/ or a checkpoint's)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N test examples")
+
     p = sub.add_parser("init-model", help="build the embedded tiny Llama base model and tokenizer")
     _add_config(p)
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
@@ -50,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.train import run_train
 
             run_train(args.config, args.overrides, args.resume)
+        elif args.command == "eval":
+            from orchestrator.evaluate import run_eval
+
+            run_eval(args.config, args.adapter, args.overrides, args.limit)
         elif args.command == "init-model":
             from orchestrator.config import load_config
             from orchestrator.tiny import ensure_base_model

@@ -336,6 +336,9 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
     from orchestrator.report import write_run_outputs
 
     s = cfg.scaling
+    if cfg.train.strategy != "ddp":
+        raise ConfigError(f"train.strategy={cfg.train.strategy}: DeepSpeed ZeRO is not wired into the training "
+                          "loop yet; use train.strategy=ddp")
     if s.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
         if gpus < s.num_workers * s.gpus_per_worker:
