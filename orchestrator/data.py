@@ -319,7 +319,8 @@ def read_parquet(out_dir: str | Path) -> Prepared:
     meta = json.loads((out_dir / "meta.json").read_text())
     raw = json.loads((out_dir / "raw.json").read_text())
     datasets = {s: ray.data.read_parquet(str(out_dir / s)) for s in meta["splits"]}
-    return Prepared(datasets=datasets, raw=raw, labels=meta.get("labels"), notes={"meta": meta})
+    return Prepared(datasets=datasets, raw=raw, labels=meta.get("labels"), documents=meta.get("documents", 0),
+                    units=meta.get("units", 0), notes={**meta.get("notes", {}), "meta": meta})
 
 
 __all__ = ["IGNORE", "Prepared", "prepare", "split_stats", "make_collate", "write_parquet", "read_parquet"]

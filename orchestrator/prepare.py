@@ -25,7 +25,8 @@ def prepare_data(cfg: RunConfig) -> Prepared:
         return read_parquet(pq)
     prepared = prepare(cfg)
     if pq:
-        write_parquet(prepared, pq, {"key": key})
+        write_parquet(prepared, pq, {"key": key, "documents": prepared.documents, "units": prepared.units,
+                                     "notes": prepared.notes})
         prepared = read_parquet(pq)
     return prepared
 

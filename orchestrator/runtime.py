@@ -17,7 +17,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        ray.init(num_cpus=num_cpus, **kwargs)  # the dashboard comes up at http://127.0.0.1:8265
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
 
