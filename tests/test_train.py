@@ -58,6 +58,11 @@ def test_causal_lm_trains_and_writes_outputs(qa_prepared, tiny_model_dir, tmp_pa
     assert model.peft_config["default"].r == 8
     with pytest.raises(ConfigError, match="already holds a run"):
         run_training(cfg, prepared=qa_prepared)
+    from orchestrator.evaluate import evaluate_qa
+
+    ev = evaluate_qa(cfg, run / "adapter", qa_prepared.raw["train"][:4])
+    assert ev["examples"] == 4 and 0.0 <= ev["rouge_l"] <= 1.0 and 0.0 <= ev["token_f1"] <= 1.0
+    assert all(s["generated"] is not None and s["question"] for s in ev["samples"])
 
 
 def test_only_lora_parameters_change(tiny_model_dir, tmp_path):
@@ -106,6 +111,13 @@ def test_ner_trains_with_entity_metrics(ray_local, tmp_path):
     from safetensors.torch import load_file
 
     assert any("classifier" in k for k in load_file(res.adapter_dir / "adapter_model.safetensors"))
+    from orchestrator.evaluate import evaluate_ner
+    from orchestrator.ner import read_conll
+
+    test = read_conll(BC5CDR / "test.conll.gz")[:48]
+    ev = evaluate_ner(cfg, res.adapter_dir, test, json.loads((res.adapter_dir / "labels.json").read_text()))
+    assert ev["examples"] == 48 and {"Chemical", "Disease"} <= set(ev["per_type"])
+    assert ev["token_weighted_f1"] > 0.5
 
 
 @pytest.mark.parametrize("mode", ["exit"])
