@@ -72,7 +72,8 @@ def main() -> None:
         "eval": ev,
     }
     path = ROOT / f"bench/results/train_{name}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    # Record paths relative to the checkout, so results do not depend on where it lives.
+    path.write_text(json.dumps(out, indent=2).replace(f"{ROOT}/", "") + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "config"}, indent=2)[:4000])
     print(f"wrote {path}")
     del dump_config
