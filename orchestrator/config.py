@@ -137,8 +137,7 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = True
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
-    eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps (and at the end).")
-    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=1, description="Validate and checkpoint every N optimizer steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1)
     checkpoint_metric: str = "val_loss"
     checkpoint_mode: Literal["min", "max"] = "min"
