@@ -104,12 +104,12 @@ class Plan:
     total_steps: int
 
     @classmethod
-    def make(cfg_cls, cfg: RunConfig, rows_per_rank: int) -> Plan:
+    def make(cls, cfg: RunConfig, rows_per_rank: int) -> Plan:
         t = cfg.train
         micro = max(1, math.ceil(rows_per_rank / t.micro_batch_size))
         per_epoch = math.ceil(micro / t.grad_accum)
         total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
-        return cfg_cls(micro, per_epoch, total)
+        return cls(micro, per_epoch, total)
 
     def micro_in_step(self, step_in_epoch: int, grad_accum: int) -> int:
         """Micro-batches that make up optimizer step ``step_in_epoch`` (the last one may be short)."""
@@ -187,9 +187,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         with torch.no_grad(), autocast(cfg, device):
             for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=task.collate,
                                                   device=device):
-                out = core(**task.forward_inputs(batch), use_cache=False) if cfg.model.task == "causal_lm" \
-                    else core(**task.forward_inputs(batch))
-                task.accumulate(acc, batch, out)
+                task.accumulate(acc, batch, core(**task.forward_inputs(batch)))
         core.train()
         parts = [None] * world
         if world > 1:
@@ -251,15 +249,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             maybe_fail(loop.get("fault"), step, rank, run_dir)
-            losses = [None] * world
-            if world > 1:
-                dist.all_gather_object(losses, loss_sum)
-            else:
-                losses = [loss_sum]
+            step_loss = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+            if world > 1:  # mean over ranks: one small all_reduce, not a pickled gather
+                dist.all_reduce(step_loss)
+                step_loss /= world
             now = time.perf_counter()
             tokens_total = tok_window * world
             metrics = {"step": step, "epoch": epoch + micro_done / plan.micro_per_epoch,
-                       "loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
+                       "loss": float(step_loss), "lr": scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm), "tokens_per_s": tokens_total / max(now - t_window, 1e-9),
                        "peak_memory_mb": peak_memory_mb(device)}
             t_window, tok_window = now, 0
