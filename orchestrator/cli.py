@@ -27,6 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
+    p = sub.add_parser("tune", help="Ray Tune study over full training runs (ASHA, random/grid or Optuna)")
+    _add_config(p)
+    p.add_argument("--resume", action="store_true", help="continue the study in the config's run dir")
+
+    p = sub.add_parser("merge", help="merge an adapter into its base (16-bit or dequantized) and measure fidelity")
+    _add_config(p)
+    p.add_argument("--adapter", required=True, help="adapter directory (a run's adapter/ or best_adapter/)")
+    p.add_argument("--out", help="output directory (default: next to the adapter, merged/)")
+    p.add_argument("--method", choices=["16bit", "dequantized"], default="16bit")
+    p.add_argument("--no-compare", action="store_true", help="measure only the chosen method's fidelity")
+    p.add_argument("--examples", type=int, default=32, help="held-out examples for the fidelity check")
+
+    p = sub.add_parser("serve", help="deploy merged models on Ray Serve (OpenAI-compatible + entities API)")
+    p.add_argument("configs", nargs="+", help="run configs, one served model each")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--model", action="append", help="merged model dir per config (default RUN_DIR/merged)")
+
     p = sub.add_parser("eval", help="score an adapter on the test split (NER P/R/F1; QA EM, F1, ROUGE-L)")
     _add_config(p)
     p.add_argument("--adapter", required=True, help="adapter directory (a run's adapter/ or a checkpoint's)")
@@ -55,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.train import run_train
 
             run_train(args.config, args.overrides, args.resume)
+        elif args.command == "tune":
+            from orchestrator.tune import run_tune
+
+            run_tune(args.config, args.overrides, args.resume)
+        elif args.command == "merge":
+            from orchestrator.merge import run_merge
+
+            run_merge(args.config, args.adapter, args.overrides, args.out, args.method, not args.no_compare,
+                      args.examples)
+        elif args.command == "serve":
+            from orchestrator.deploy import run_serve
+
+            run_serve(args.configs, args.overrides, args.model)
         elif args.command == "eval":
             from orchestrator.evaluate import run_eval
 

@@ -35,6 +35,11 @@ class ModelConfig(_Strict):
         description="Build the embedded tiny Llama model at name_or_path first if it is missing "
         "(`orchestrator init-model`).",
     )
+    tiny_pretrain_steps: int = Field(
+        300, ge=0,
+        description="Full-parameter causal-LM pre-training steps on the corpus text when the tiny model is "
+        "built, so QLoRA adapts a model that already models the text (0 keeps random weights).",
+    )
     trust_remote_code: bool = False
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = "sdpa"
     revision: str | None = None
@@ -189,6 +194,7 @@ class TuneConfig(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
     trial_max_failures: int = Field(1, ge=0)
+    driver_cpus: float = Field(0, ge=0, description="CPUs each trial's driver (the Train controller) asks for.")
 
 
 class AutoscalingConfig(_Strict):
@@ -247,6 +253,14 @@ class RunConfig(_Strict):
             raise ValueError("train.strategy=deepspeed_* needs scaling.use_gpu=true")
         if self.train.precision == "bf16" and self.quantization.compute_dtype == "float16":
             raise ValueError("train.precision=bf16 with quantization.compute_dtype=float16 mixes dtypes; pick one")
+        for key in self.tune.search_space:
+            node: Any = self
+            for part in key.split("."):
+                if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+                    raise ValueError(f"tune.search_space.{key}: no such config field")
+                node = getattr(node, part)
+            if isinstance(node, BaseModel):
+                raise ValueError(f"tune.search_space.{key}: is a section, name one of its fields")
         return self
 
     @property
@@ -338,6 +352,20 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a run config must be a YAML mapping at the top level")
     return raw
+
+
+def set_fields(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A validated copy of ``cfg`` with ``values`` set at their dotted paths (``lora.r``, ``train.lr``)."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        node = raw
+        *head, last = key.split(".")
+        for part in head:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{key}: {part} is not a config section")
+            node = node[part]
+        node[last] = value
+    return validate_config(raw, "tuned values " + ", ".join(f"{k}={v}" for k, v in values.items()))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

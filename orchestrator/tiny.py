@@ -58,8 +58,10 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096):
 
 def build_tiny_llama(out_dir: str | Path, texts: list[str], vocab_size: int = 4096,
                      hidden: int = 256, layers: int = 4, heads: int = 4, intermediate: int = 704,
-                     max_positions: int = 2048, seed: int = 0, force: bool = False) -> Path:
-    """Build (once) the tiny Llama-architecture base model, with a tokenizer trained on ``texts``."""
+                     max_positions: int = 2048, seed: int = 0, force: bool = False,
+                     pretrain_steps: int = 0) -> Path:
+    """Build (once) the tiny Llama-architecture base model, with a tokenizer trained on ``texts``,
+    optionally pre-trained for ``pretrain_steps`` on the same texts."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -74,12 +76,55 @@ def build_tiny_llama(out_dir: str | Path, texts: list[str], vocab_size: int = 40
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                       tie_word_embeddings=False, rms_norm_eps=1e-5)
     model = LlamaForCausalLM(cfg)
+    if pretrain_steps:
+        pretrain(model, tokenizer, texts, pretrain_steps, seed=seed)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     n = sum(p.numel() for p in model.parameters())
     log.info("built tiny Llama (%.1fM params, vocab %d) at %s", n / 1e6, len(tokenizer), out_dir)
     return out_dir
+
+
+def pretrain(model, tokenizer, texts: list[str], steps: int, seq_len: int = 256, batch_size: int = 8,
+             lr: float = 3e-3, seed: int = 0) -> list[float]:
+    """Plain full-parameter next-token pre-training on the concatenated texts (random 256-token windows),
+    AdamW with linear warm-up and cosine decay. Returns the per-step losses."""
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    ids = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    stream = torch.tensor(ids, dtype=torch.long)
+    if len(stream) <= seq_len + 1:
+        raise ValueError(f"pre-training needs more than {seq_len + 1} tokens of text, got {len(stream)}")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="pre-training tiny base", mininterval=5)
+    for _ in bar:
+        starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=gen)
+        batch = torch.stack([stream[s: s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    log.info("pre-trained the tiny base for %d steps on %d tokens: loss %.3f -> %.3f",
+             steps, len(stream), losses[0], sum(losses[-10:]) / len(losses[-10:]))
+    return losses
 
 
 def ensure_base_model(cfg) -> None:
@@ -98,7 +143,7 @@ def ensure_base_model(cfg) -> None:
     else:
         raise ValueError(f"model.build_tiny builds a causal LM; data.format={cfg.data.format} is not text")
     log.info("building the tiny base model at %s (tokenizer trained on %d texts)", path, len(texts))
-    build_tiny_llama(path, texts)
+    build_tiny_llama(path, texts, pretrain_steps=cfg.model.tiny_pretrain_steps)
 
 
 def resolve_model_path(name_or_path: str) -> str:

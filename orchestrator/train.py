@@ -116,6 +116,15 @@ class Plan:
         return min(grad_accum, self.micro_per_epoch - step_in_epoch * grad_accum)
 
 
+def portable_adapter_config(adapter: Path, name_or_path: str) -> None:
+    """Record the base as the config names it (hub id, ``package:`` or the user's path), not as this
+    machine resolved it, so the adapter is portable."""
+    f = adapter / "adapter_config.json"
+    conf = json.loads(f.read_text())
+    conf["base_model_name_or_path"] = name_or_path
+    f.write_text(json.dumps(conf, indent=2))
+
+
 def maybe_fail(spec: str | None, step: int, rank: int, run_dir: Path) -> None:
     """Fault injection for resume tests: ``step=K,rank=R,mode=raise|exit`` fails once."""
     if not spec:
@@ -201,6 +210,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 core.save_pretrained(Path(tmp) / "adapter")
+                portable_adapter_config(Path(tmp) / "adapter", cfg.model.name_or_path)
                 tokenizer.save_pretrained(Path(tmp) / "adapter")
                 if labels:
                     (Path(tmp) / "adapter" / "labels.json").write_text(json.dumps(labels))

@@ -15,13 +15,18 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# The Serve tests' bearer token: set before Ray starts, so the Serve replicas inherit it.
+SERVE_TOKEN_ENV = "ORCHESTRATOR_TEST_TOKEN"
+os.environ[SERVE_TOKEN_ENV] = "test-token-123"
 
 
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The dashboard serves Ray's state API, which Ray Train uses to release the placement group of a
+    # run whose driver was stopped (an early-stopped Tune trial); without it those CPUs leak.
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

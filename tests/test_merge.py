@@ -1,0 +1,67 @@
+"""Merging: 16-bit reload vs. dequantized NF4, fidelity measured, output loads with plain transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from orchestrator.config import validate_config
+from orchestrator.merge import merge_adapter
+
+from .conftest import FIXTURES, PDF
+
+
+def _cfg(model_dir, out):
+    return validate_config({
+        "name": "merge", "model": {"name_or_path": str(model_dir), "task": "causal_lm"},
+        "quantization": {"bits": 4, "compute_dtype": "float32"}, "lora": {"r": 8, "alpha": 16},
+        "data": {"format": "pdf", "train": [str(PDF)], "max_seq_length": 128}, "output_dir": str(out)})
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter with non-zero B (as after training) on the tiny Llama."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter")
+    peft.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+ROWS = [{"question": "What does Article 16 provide?", "answer": "Every person shall have the right to live with dignity."},
+        {"question": "Which article deals with citizenship?", "answer": "Article 10 (Citizenship), in Part 2."},
+        {"question": "What is the official language?", "answer": "The Nepali language in the Devanagari script."}]
+
+
+@pytest.mark.parametrize("method", ["16bit", "dequantized"])
+def test_merge_writes_standalone_model_with_fidelity(tiny_model_dir, random_adapter, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tiny_model_dir, tmp_path)
+    res = merge_adapter(cfg, random_adapter, tmp_path / "merged", ROWS, method=method)
+    fid = res["fidelity"]
+    assert set(fid) == {"16bit", "dequantized"} and fid["16bit"]["tokens"] > 20
+    # The dequantized merge is the trained function itself (up to float rounding); the 16-bit reload is
+    # close but not exact, because the adapter was trained against the NF4-rounded base.
+    assert fid["dequantized"]["mean_kl"] < 1e-4 and fid["dequantized"]["top1_agreement"] > 0.99
+    assert fid["dequantized"]["mean_kl"] < fid["16bit"]["mean_kl"]
+    out = tmp_path / "merged"
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    card = (out / "README.md").read_text()
+    assert f"**{method}**" in card and "top-1 agreement" in card and "(saved)" in card
+    assert json.loads((out / "merge.json").read_text())["method"] == method
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert type(merged).__name__ == "LlamaForCausalLM" and getattr(merged.config, "quantization_config", None) is None
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_merge_rejects_a_directory_without_adapter(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        merge_adapter(_cfg(tiny_model_dir, tmp_path), FIXTURES, tmp_path / "m", ROWS)

@@ -1,0 +1,204 @@
+"""Ray Serve on 127.0.0.1 with real HTTP: OpenAI client (completion + stream), entities from a merged
+BC5CDR model, 4xx on bad requests, 401 without the token, 503 under a burst, autoscaling up and down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from .conftest import FIXTURES, SERVE_TOKEN_ENV
+
+PORT = 8765
+URL = f"http://127.0.0.1:{PORT}"
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _spec(name, task, path, **kw):
+    return {"name": name, "task": task, "path": str(path), "num_cpus": 0, "max_input_length": 128,
+            "max_tokens_limit": 64, **kw}
+
+
+@pytest.fixture(scope="module")
+def ner_merged(tmp_path_factory):
+    """The fixture BC5CDR adapter (see tests/fixtures/README.md) merged into the packaged MiniLM."""
+    from orchestrator.config import load_config
+    from orchestrator.merge import merge_adapter
+
+    from .conftest import ROOT
+
+    cfg = load_config(ROOT / "configs/medical-ner-tiny.yaml")
+    out = tmp_path_factory.mktemp("ner") / "merged"
+    rows = [{"tokens": "Cisplatin - induced nephrotoxicity in rats .".split()},
+            {"tokens": "Haloperidol can cause tardive dyskinesia .".split()}]
+    merge_adapter(cfg, FIXTURES / "ner-adapter", out, rows, compare=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tiny_model_dir, ner_merged):
+    from ray import serve
+
+    from orchestrator.deploy import start
+
+    args = {"models": [_spec("constitution-qa", "causal_lm", tiny_model_dir, max_batch_size=8,
+                             batch_wait_timeout_s=0.05, max_ongoing_requests=16, max_queued_requests=64),
+                       _spec("medical-ner", "token_classification", ner_merged)],
+            "auth_token_env": SERVE_TOKEN_ENV}
+    start(args, "127.0.0.1", PORT)
+    yield URL
+    serve.shutdown()
+
+
+def test_openai_client_completion_stream_and_models(app):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{app}/v1", api_key=TOKEN)
+    ids = {m.id for m in client.models.list().data}
+    assert ids == {"constitution-qa", "medical-ner"}
+    r = client.chat.completions.create(model="constitution-qa", max_tokens=12, temperature=0,
+                                       messages=[{"role": "user", "content": "What does Article 16 provide?"}])
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].finish_reason in ("stop", "length")
+    assert 0 < r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 5
+    pieces = []
+    for chunk in client.chat.completions.create(model="constitution-qa", max_tokens=12, temperature=0, stream=True,
+                                                messages=[{"role": "user", "content": "What does Article 16 provide?"}]):
+        pieces.append(chunk.choices[0])
+    text = "".join(c.delta.content or "" for c in pieces)
+    assert pieces[-1].finish_reason in ("stop", "length") and text == r.choices[0].message.content
+    c = client.completions.create(model="constitution-qa", prompt="The Constitution of Nepal", max_tokens=8,
+                                  temperature=0.8, top_p=0.9, extra_body={"repetition_penalty": 1.2})
+    assert c.object == "text_completion" and c.usage.completion_tokens <= 8
+    with httpx.Client() as h:
+        assert h.get(f"{app}/healthz").json()["status"] == "ok"
+        page = h.get(f"{app}/")
+        assert page.status_code == 200 and "<textarea" in page.text
+
+
+def test_entities_finds_chemical_and_disease(app):
+    text = "Cisplatin-induced nephrotoxicity was seen in rats."
+    r = httpx.post(f"{app}/v1/entities", json={"text": text}, headers=AUTH, timeout=60)
+    assert r.status_code == 200
+    ents = r.json()["entities"]
+    found = {(e["type"], e["text"]) for e in ents}
+    assert ("Chemical", "Cisplatin") in found and ("Disease", "nephrotoxicity") in found, ents
+    for e in ents:
+        assert text[e["start"]:e["end"]] == e["text"] and 0 < e["score"] <= 1
+    r = httpx.post(f"{app}/v1/entities", json={"texts": [text, "Haloperidol caused tardive dyskinesia."]},
+                   headers=AUTH, timeout=60)
+    assert [len(x["entities"]) > 0 for x in r.json()["results"]] == [True, True]
+
+
+@pytest.mark.parametrize("path,body,status,needle", [
+    ("/v1/chat/completions", {"model": "constitution-qa"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400,
+     "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "law " * 400}], "max_tokens": 8}, 400,
+     "prompt is"),
+    ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400,
+     "temperature"),
+    ("/v1/chat/completions", {"model": "gpt-7", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-7"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8, "stream": True, "model": "medical-ner"}, 404, "medical-ner"),
+    ("/v1/entities", {}, 400, "exactly one of text or texts"),
+    ("/v1/entities", {"text": 5}, 400, "text"),
+])
+def test_bad_requests_get_4xx_with_a_message(app, path, body, status, needle):
+    r = httpx.post(f"{app}{path}", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_bearer_token_required(app):
+    r = httpx.post(f"{app}/v1/entities", json={"text": "aspirin"}, timeout=30)
+    assert r.status_code == 401 and "token" in r.json()["error"]["message"]
+    assert httpx.get(f"{app}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_batching_groups_concurrent_requests(app):
+    from ray import serve
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as h:
+            body = {"messages": [{"role": "user", "content": "Which article deals with citizenship?"}],
+                    "max_tokens": 8, "temperature": 0}
+            return await asyncio.gather(*(h.post(f"{app}/v1/chat/completions", json=body, headers=AUTH)
+                                          for _ in range(8)))
+
+    rs = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in rs)
+    assert len({r.json()["choices"][0]["message"]["content"] for r in rs}) == 1  # greedy: same answer
+    handle = serve.get_deployment_handle("TextGenerator-constitution-qa", app_name="orchestrator")
+    assert max(handle.batch_sizes.remote().result()) > 1
+
+
+@pytest.fixture()
+def small_app(ray_local, tiny_model_dir):
+    """A second application with its own limits (route /small): one request at a time, one queued."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    def run(**kw):
+        args = {"models": [_spec("qa", "causal_lm", tiny_model_dir, **kw)]}
+        serve.run(build_app(args), name="small", route_prefix="/small")
+        return f"{URL}/small"
+
+    yield run
+    serve.delete("small")
+
+
+def test_overload_answers_503_and_server_stays_up(app, small_app):
+    url = small_app(max_ongoing_requests=1, max_queued_requests=1, max_batch_size=1)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as h:
+            body = {"prompt": "The Constitution", "max_tokens": 48, "temperature": 0}
+            return await asyncio.gather(*(h.post(f"{url}/v1/completions", json=body) for _ in range(12)))
+
+    codes = [r.status_code for r in asyncio.run(burst())]
+    assert codes.count(503) >= 1 and codes.count(200) >= 1 and set(codes) <= {200, 503}, codes
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_autoscaling_up_under_load_and_back_down(app, small_app):
+    from ray import serve
+
+    url = small_app(max_ongoing_requests=2, max_queued_requests=64, max_batch_size=1,
+                    autoscaling={"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1,
+                                 "target_ongoing_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 4,
+                                 "look_back_period_s": 2, "metrics_interval_s": 0.5})
+
+    def replicas() -> int:
+        """Replicas the deployment has (running or starting: a new replica may take a while to load)."""
+        dep = serve.status().applications["small"].deployments["TextGenerator-qa"]
+        return sum(n for state, n in dep.replica_states.items() if str(state).split(".")[-1] in ("RUNNING", "STARTING"))
+
+    assert replicas() == 1
+    peak, stop = 1, time.monotonic() + 90
+
+    async def load():
+        nonlocal peak
+        async with httpx.AsyncClient(timeout=120) as h:
+            async def user():
+                while time.monotonic() < stop and peak < 2:
+                    await h.post(f"{url}/v1/completions", json={"prompt": "Article", "max_tokens": 32})
+
+            async def watch():
+                nonlocal peak
+                while time.monotonic() < stop and peak < 2:
+                    peak = max(peak, replicas())
+                    await asyncio.sleep(0.5)
+
+            await asyncio.gather(watch(), *(user() for _ in range(6)))
+
+    asyncio.run(load())
+    assert peak >= 2, "sustained load should add replicas"
+    deadline = time.monotonic() + 120
+    while replicas() > 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert replicas() == 1, "idle: back to min_replicas"
