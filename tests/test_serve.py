@@ -39,14 +39,19 @@ def ner_merged(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(ray_local, tiny_model_dir, ner_merged):
+def app(ray_local, tiny_model_dir, ner_merged, random_adapter, tmp_path_factory):
     from ray import serve
 
     from orchestrator.deploy import start
 
+    from .conftest import make_random_adapter
+
+    other = make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter-b"), seed=1)
+    adapters = {"name": "loras", "task": "causal_lm", "base": str(tiny_model_dir), "num_cpus": 0,
+                "adapters": {"lora-a": str(random_adapter), "lora-b": str(other)}}
     args = {"models": [_spec("constitution-qa", "causal_lm", tiny_model_dir, max_batch_size=8,
                              batch_wait_timeout_s=0.05, max_ongoing_requests=16, max_queued_requests=64),
-                       _spec("medical-ner", "token_classification", ner_merged)],
+                       _spec("medical-ner", "token_classification", ner_merged), adapters],
             "auth_token_env": SERVE_TOKEN_ENV}
     start(args, "127.0.0.1", PORT)
     yield URL
@@ -58,7 +63,7 @@ def test_openai_client_completion_stream_and_models(app):
 
     client = OpenAI(base_url=f"{app}/v1", api_key=TOKEN)
     ids = {m.id for m in client.models.list().data}
-    assert ids == {"constitution-qa", "medical-ner"}
+    assert ids == {"constitution-qa", "medical-ner", "lora-a", "lora-b"}
     r = client.chat.completions.create(model="constitution-qa", max_tokens=12, temperature=0,
                                        messages=[{"role": "user", "content": "What does Article 16 provide?"}])
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
@@ -77,6 +82,21 @@ def test_openai_client_completion_stream_and_models(app):
         assert h.get(f"{app}/healthz").json()["status"] == "ok"
         page = h.get(f"{app}/")
         assert page.status_code == 200 and "<textarea" in page.text
+
+
+def test_lora_adapters_multiplexed_on_one_base(app):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{app}/v1", api_key=TOKEN)
+    ask = {"messages": [{"role": "user", "content": "Which article deals with citizenship?"}], "max_tokens": 10,
+           "temperature": 0}
+    out = {m: client.chat.completions.create(model=m, **ask).choices[0].message.content
+           for m in ("lora-a", "lora-b", "constitution-qa", "lora-a")}
+    assert out["lora-a"] != out["lora-b"], "each adapter changes the function differently"
+    again = client.chat.completions.create(model="lora-a", **ask).choices[0].message.content
+    assert again == out["lora-a"], "switching adapters back and forth is deterministic"
+    stream = client.chat.completions.create(model="lora-b", stream=True, **ask)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == out["lora-b"]
 
 
 def test_entities_finds_chemical_and_disease(app):
@@ -202,3 +222,37 @@ def test_autoscaling_up_under_load_and_back_down(app, small_app):
     while replicas() > 1 and time.monotonic() < deadline:
         time.sleep(1)
     assert replicas() == 1, "idle: back to min_replicas"
+
+
+def test_chat_page_streams_an_answer_in_chromium(app):
+    """The chat page in headless Chromium: pick the model, ask, watch the streamed answer arrive."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "the README's install command installs Debian's chromium for this test"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(f"{app}/")
+        page.fill("#token", TOKEN)
+        page.evaluate("loadModels()")
+        page.wait_for_function("document.querySelectorAll('#model option').length >= 3")
+        options = page.eval_on_selector_all("#model option", "els => els.map(e => e.textContent)")
+        assert "constitution-qa" in options and "medical-ner" not in options
+        page.select_option("#model", "constitution-qa")
+        page.fill("#max_tokens", "12")
+        page.eval_on_selector("#temperature", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
+        assert page.text_content("#tval") == "0"
+        page.fill("#question", "What does Article 16 provide?")
+        page.click("#send")
+        page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=60_000)
+        answer = page.text_content(".a")
+        browser.close()
+    expected = httpx.post(f"{app}/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "model": "constitution-qa", "max_tokens": 12, "temperature": 0,
+        "messages": [{"role": "user", "content": "What does Article 16 provide?"}]}).json()
+    assert answer and answer == expected["choices"][0]["message"]["content"]
