@@ -116,6 +116,9 @@ class Plan:
         return min(grad_accum, self.micro_per_epoch - step_in_epoch * grad_accum)
 
 
+PLACEMENT_GROUP_FILE = ".train_placement_group"
+
+
 def portable_adapter_config(adapter: Path, name_or_path: str) -> None:
     """Record the base as the config names it (hub id, ``package:`` or the user's path), not as this
     machine resolved it, so the adapter is portable."""
@@ -226,6 +229,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
+    if rank == 0:  # lets a Tune study release this run's resources if it stops the trial (orchestrator.tune)
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:
+            (run_dir / PLACEMENT_GROUP_FILE).write_text(pg.id.hex())
     train_shard = my_shard("train")
     t_window, tok_window = time.perf_counter(), 0
     while step < plan.total_steps:

@@ -23,9 +23,12 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ray.tune import Callback
 
 from orchestrator.config import ConfigError, RunConfig, dump_config, load_config, set_fields
 from orchestrator.io import atomic_dir, atomic_write_bytes, atomic_write_text
@@ -108,6 +111,34 @@ def run_trial(values: dict[str, Any], base: dict[str, Any], study_dir: str, faul
     run_training(cfg, resume=resume, prepared=prepare_data(cfg), callbacks=[_forwarder(cfg.tune.metric)])
 
 
+def _release_placement_group(pg_hex: str) -> None:
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    time.sleep(5)  # let Tune stop the trial's driver first
+    if ray.util.placement_group_table().get(pg_hex, {}).get("state") not in (None, "REMOVED"):
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+        log.info("released the placement group of a stopped trial (%s)", pg_hex)
+
+
+class ReleaseStoppedTrials(Callback):
+    """Frees the Ray Train placement group of a trial that ended while its run was still going
+    (early-stopped). Ray Train's own cleaner relies on the state API, which is not always reachable
+    (no dashboard, several Ray instances on one machine)."""
+
+    def __init__(self, study_dir: str) -> None:
+        self.study_dir = study_dir
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        import threading
+
+        from orchestrator.train import PLACEMENT_GROUP_FILE
+
+        f = Path(self.study_dir) / "trials" / trial.trial_id / PLACEMENT_GROUP_FILE
+        if f.exists() and not (f.parent / "adapter").exists():
+            threading.Thread(target=_release_placement_group, args=(f.read_text().strip(),), daemon=True).start()
+
+
 @dataclass
 class StudyResult:
     study_dir: Path
@@ -187,7 +218,7 @@ def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
                                             # a stopped trial's actor must die (and its Train run with it),
                                             # never be handed to the next trial while still training
                                             reuse_actors=False),
-            run_config=TuneRunConfig(name=STUDY, storage_path=str(run_dir),
+            run_config=TuneRunConfig(name=STUDY, storage_path=str(run_dir), callbacks=[ReleaseStoppedTrials(str(run_dir))],
                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.trial_max_failures)))
     grid = tuner.fit()
     return write_study_outputs(cfg, run_dir, grid)
@@ -228,6 +259,7 @@ def write_study_outputs(cfg: RunConfig, run_dir: Path, grid) -> StudyResult:
                                 if best_i is not None and CHECKPOINT_PATH_KEY in df else None),
             "error": str(r.error).splitlines()[0][:300] if r.error is not None else None,
         })
+    trials.sort(key=lambda t: t["trial_id"])
     scored = [t for t in trials if t[f"best_{metric}"] is not None]
     if not scored:
         raise RuntimeError(f"{run_dir}: no trial reported {metric}; see the errors in {run_dir / STUDY}")

@@ -256,3 +256,28 @@ def test_chat_page_streams_an_answer_in_chromium(app):
         "model": "constitution-qa", "max_tokens": 12, "temperature": 0,
         "messages": [{"role": "user", "content": "What does Article 16 provide?"}]}).json()
     assert answer and answer == expected["choices"][0]["message"]["content"]
+
+
+def test_serve_config_file_is_valid_for_serve_deploy(tiny_model_dir, tmp_path):
+    import shutil
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.deploy import app_args, serve_config
+    from serve.app import build_app
+
+    from .conftest import ROOT
+
+    cfg = load_config(ROOT / "configs/constitution-qa-tiny.yaml", [f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="no merged model"):
+        app_args([cfg])
+    shutil.copytree(tiny_model_dir, cfg.run_dir / "merged")
+    args = app_args([cfg])
+    doc = yaml.safe_load(serve_config(args, "0.0.0.0", 8000))
+    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(doc)
+    assert schema.applications[0].import_path == "serve.app:build_app"
+    assert args["models"][0]["autoscaling"]["max_replicas"] == cfg.serve.autoscaling.max_replicas
+    assert build_app(doc["applications"][0]["args"]) is not None
