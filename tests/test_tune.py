@@ -88,3 +88,21 @@ def test_failed_trial_is_retried_and_resumes(ray_local, tiny_model_dir, tmp_path
     assert list(trial_dir.glob(".fault-3-1"))
     history = json.loads((trial_dir / "metrics.json").read_text())["history"]
     assert [h["step"] for h in history] == list(range(1, 7)), "no optimizer step lost or repeated"
+
+
+def test_optuna_searcher_samples_the_configured_space(tiny_model_dir, tmp_path):
+    from orchestrator.tune import _searcher, param_space
+
+    cfg = study_cfg(tiny_model_dir, tmp_path, "optuna", search_alg="optuna",
+                    search_space={"lora.r": {"type": "choice", "values": [4, 8, 16, 32]},
+                                  "train.lr": {"type": "loguniform", "low": 1e-4, "high": 5e-3},
+                                  "lora.dropout": {"type": "uniform", "low": 0.0, "high": 0.2}})
+    searcher = _searcher(cfg)
+    assert searcher.set_search_properties(None, None, param_space(cfg))
+    for i in range(5):
+        s = searcher.suggest(f"t{i}")
+        assert s["lora.r"] in (4, 8, 16, 32) and 1e-4 <= s["train.lr"] <= 5e-3 and 0 <= s["lora.dropout"] <= 0.2
+    grid = study_cfg(tiny_model_dir, tmp_path, "g", search_alg="optuna",
+                     search_space={"lora.r": {"type": "grid", "values": [4, 8]}})
+    with pytest.raises(ConfigError, match="grid dimensions need tune.search_alg=random"):
+        _searcher(grid)
