@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--model", action="append", help="merged model dir per config (default RUN_DIR/merged)")
 
+    p = sub.add_parser("pipeline", help="run the stages of a pipeline file (train, tune, merge, serve, ask) end to end")
+    p.add_argument("pipeline", help="pipeline YAML (e.g. configs/demo.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a pipeline field, e.g. --set stages=[train,merge] or --set set.train.max_steps=10")
+
+    p = sub.add_parser("demo", help="the whole mission on this machine: configs/demo.yaml, no network, no arguments")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+
     p = sub.add_parser("eval", help="score an adapter on the test split (NER P/R/F1; QA EM, F1, ROUGE-L)")
     _add_config(p)
     p.add_argument("--adapter", required=True, help="adapter directory (a run's adapter/ or a checkpoint's)")
@@ -52,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-model", help="build the embedded tiny Llama base model and tokenizer")
     _add_config(p)
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+
+    p = sub.add_parser("reference", help="print the config reference generated from the schema")
+    p.add_argument("--write", action="store_true", help="update the reference block in README.md")
 
     p = sub.add_parser("validate", help="validate a config and print it with overrides applied")
     _add_config(p)
@@ -85,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.deploy import run_serve
 
             run_serve(args.configs, args.overrides, args.model)
+        elif args.command in ("pipeline", "demo"):
+            from orchestrator.pipeline import DEMO, run
+
+            run(args.pipeline if args.command == "pipeline" else DEMO, args.overrides)
         elif args.command == "eval":
             from orchestrator.evaluate import run_eval
 
@@ -102,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(cfg.model.name_or_path, ignore_errors=True)
             ensure_base_model(cfg)
             print(f"tiny base model: {cfg.model.name_or_path}")
+        elif args.command == "reference":
+            from orchestrator.pipeline import ROOT
+            from orchestrator.reference import config_reference, update_readme
+
+            if args.write:
+                update_readme(ROOT / "README.md", write=True)
+                print(f"updated {ROOT / 'README.md'}")
+            else:
+                print(config_reference(), end="")
         elif args.command == "validate":
             from orchestrator.config import dump_config, load_config
 

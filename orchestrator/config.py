@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # A model shipped inside a Python package: "package:MODULE" (the module's get_model_path()).
 PACKAGE_SCHEME = "package:"
@@ -229,7 +229,7 @@ class ServeConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    """A whole run. Relative paths resolve against the project root."""
+    """A whole run. Relative paths resolve against the directory you run from."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelConfig
@@ -307,15 +307,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
             raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. train.lr=1e-4")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):  # runs.0.set... indexes a list
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {part} is not an index of {'.'.join(parts[:i])} "
+                                      f"(0..{len(node) - 1})")
+                if last:
+                    node[int(part)] = _parse_scalar(value)
+                else:
+                    node = node[int(part)]
+                continue
+            if last:
+                node[part] = _parse_scalar(value)
+                break
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
-            if not isinstance(nxt, dict):
+            if not isinstance(nxt, dict | list):
                 raise ConfigError(f"--set {key}: {part} is not a section")
             node = nxt
-        node[parts[-1]] = _parse_scalar(value)
     return raw
 
 
@@ -368,12 +380,80 @@ def set_fields(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
     return validate_config(raw, "tuned values " + ", ".join(f"{k}={v}" for k, v in values.items()))
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load, override and validate a run config file."""
+def load_config(path: str | Path, overrides: list[str] | None = None, base: Path | None = None) -> RunConfig:
+    """Load, override and validate a run config file; relative paths resolve against ``base`` (default CWD)."""
     raw = apply_overrides(read_raw(path), overrides)
-    return validate_config(raw, str(path)).absolutize()
+    return validate_config(raw, str(path)).absolutize(base)
 
 
 def dump_config(cfg: RunConfig) -> str:
     """Serialize a config back to YAML (ready to run)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# --- pipelines: several runs and the stages over them (`orchestrator pipeline`, `orchestrator demo`) ---
+
+Stage = Literal["train", "tune", "merge", "serve", "ask"]
+
+
+class PipelineRun(_Strict):
+    """One run config of a pipeline."""
+
+    config: str = Field(description="Run config file, relative to the pipeline file.")
+    set: dict[str, Any] = Field(default_factory=dict, description="Field overrides for this run (dotted or nested).")
+    tune: bool = Field(False, description="Also run a Tune study over this run (stage tune).")
+    tune_set: dict[str, Any] = Field(default_factory=dict, description="Extra overrides for the study's base config.")
+
+
+class AskConfig(_Strict):
+    """What the ask stage sends through the served HTTP API."""
+
+    questions: list[str] = Field(default_factory=list, description="To every causal LM (chat completions).")
+    entity_texts: list[str] = Field(default_factory=list, description="To every NER model (/v1/entities).")
+    max_tokens: int = Field(64, ge=1)
+
+
+class PipelineConfig(_Strict):
+    """A pipeline: run configs and the stages to run over them on one Ray instance."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    runs: list[PipelineRun] = Field(min_length=1)
+    stages: list[Stage] = Field(default_factory=lambda: ["train", "tune", "merge", "serve", "ask"])
+    set: dict[str, Any] = Field(default_factory=dict, description="Overrides applied to every run, after its own.")
+    output_dir: str = Field("runs", description="Runs land in OUTPUT_DIR/NAME/RUN; the pipeline report in OUTPUT_DIR/NAME.")
+    base_dir: str | None = Field(None, description="Resolve relative paths against this directory (relative to the "
+                                 "pipeline file) instead of the working directory.")
+    ask: AskConfig = Field(default_factory=AskConfig)
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(8000, ge=1, le=65535)
+    keep_serving: bool = Field(False, description="Leave Serve (and a local Ray) running after the pipeline.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance (default: all).")
+
+    @field_validator("stages")
+    @classmethod
+    def _order(cls, stages: list[str]) -> list[str]:
+        order = ["train", "tune", "merge", "serve", "ask"]
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"a stage is listed twice in {stages}")
+        if "ask" in stages and "serve" not in stages:
+            raise ValueError("stage ask needs stage serve")
+        return sorted(stages, key=order.index)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` and ``{"train.lr": 1}`` both to ``{"train.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "search_space":  # a search space is one value
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def validate_pipeline(raw: dict[str, Any], source: str = "<pipeline>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err).replace("invalid run config", "invalid pipeline config")) from None

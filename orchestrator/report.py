@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import RunConfig, dump_config
 from orchestrator.io import atomic_write_bytes, atomic_write_text
 
+log = logging.getLogger(__name__)
 EVAL_KEYS = ("val_loss", "perplexity", "entity_f1", "entity_precision", "entity_recall", "token_weighted_f1")
 
 
@@ -53,6 +55,12 @@ def write_run_outputs(cfg: RunConfig, run_dir: Path, history: list[dict[str, Any
         "peak_memory_mb": max(h["peak_memory_mb"] for h in history), "history": history,
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
+    try:
+        import matplotlib  # noqa: F401  (a dependency; missing only in a --no-deps install)
+    except ImportError:
+        log.warning("matplotlib is not installed: %s/report.md is written without plots", run_dir)
+        _write_report(cfg, run_dir, summary, plots=False)
+        return
     atomic_write_bytes(run_dir / "loss.png", _plot(
         {"train loss": [(h["step"], h["loss"]) for h in history],
          "val loss": [(h["step"], h["val_loss"]) for h in evals if "val_loss" in h]},
@@ -62,7 +70,12 @@ def write_run_outputs(cfg: RunConfig, run_dir: Path, history: list[dict[str, Any
     atomic_write_bytes(run_dir / "eval.png", _plot(
         {k: [(h["step"], h[k]) for h in evals if k in h] for k in eval_keys},
         f"{cfg.name}: validation", "value", log_y=cfg.model.task == "causal_lm"))
+    _write_report(cfg, run_dir, summary, plots=True)
+
+
+def _write_report(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], plots: bool) -> None:
     fe = summary["final_eval"]
+    figures = "![loss](loss.png)\n\n![validation](eval.png)" if plots else "(plots need matplotlib)"
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in fe.items())
     text = f"""# Run report: {cfg.name}
 
@@ -84,9 +97,7 @@ alpha={cfg.lora.alpha}, {cfg.scaling.num_workers} Ray Train worker(s), {"GPU" if
 |---|---|
 {rows}
 
-![loss](loss.png)
-
-![validation](eval.png)
+{figures}
 
 ## Config
 

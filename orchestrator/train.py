@@ -275,7 +275,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             metrics = {"step": step, "epoch": epoch + micro_done / plan.micro_per_epoch,
                        "loss": float(step_loss), "lr": scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm), "tokens_per_s": tokens_total / max(now - t_window, 1e-9),
+                       "real_tokens": tokens_total, "step_time_s": now - t_window,
                        "peak_memory_mb": peak_memory_mb(device)}
+            if device.type == "cuda":
+                metrics["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
             t_window, tok_window = now, 0
             is_eval = step % t.eval_every == 0 or step == plan.total_steps
             if is_eval:

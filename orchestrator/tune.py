@@ -179,6 +179,19 @@ def evals_per_run(cfg: RunConfig, train_rows: int) -> int:
     return math.ceil(total / cfg.train.eval_every)
 
 
+def _bind_ray_train() -> None:
+    """Ray Tune's Tuner reads ``ray.train.ScalingConfig`` as an attribute of the ``ray`` package. After some
+    Ray Train runs in the same process that attribute was found unbound while ``ray.train`` stayed in
+    ``sys.modules`` (so importing it again does not bind it); bind it back."""
+    import sys
+
+    import ray
+    import ray.train  # noqa: F401
+
+    if "train" not in vars(ray):
+        ray.train = sys.modules["ray.train"]
+
+
 def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
     """Run (or resume) the study and write the trial table, best config, best adapter and plot."""
     import ray.tune
@@ -187,6 +200,7 @@ def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
 
     from orchestrator.prepare import prepare_data
 
+    _bind_ray_train()
     if not cfg.tune.search_space:
         raise ConfigError("tune.search_space is empty: name at least one field to search over")
     run_dir = Path(cfg.run_dir)

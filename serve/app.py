@@ -229,7 +229,10 @@ class TextGenerator:
 
     def _gen_kwargs(self, req: dict[str, Any]) -> dict[str, Any]:
         sample = req["temperature"] > 0
-        kw = {"do_sample": sample, "max_new_tokens": req["max_tokens"], "pad_token_id": self.tokenizer.pad_token_id,
+        # use_cache explicitly: a checkpoint saved from training may carry use_cache=false in its generation
+        # config, and without the KV cache every new token recomputes the whole sequence.
+        kw = {"do_sample": sample, "max_new_tokens": req["max_tokens"], "use_cache": True,
+              "pad_token_id": self.tokenizer.pad_token_id,
               "eos_token_id": self.tokenizer.eos_token_id, "repetition_penalty": req["repetition_penalty"]}
         if sample:
             kw.update(temperature=req["temperature"], top_p=req["top_p"])

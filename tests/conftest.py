@@ -20,15 +20,22 @@ SERVE_TOKEN_ENV = "ORCHESTRATOR_TEST_TOKEN"
 os.environ[SERVE_TOKEN_ENV] = "test-token-123"
 
 
-@pytest.fixture(scope="session")
-def ray_local():
+def start_local_ray():
     import ray
+    import ray.train  # noqa: F401  (Tune's Tuner reads ray.train.* as attributes of the ray module)
 
     # The dashboard serves Ray's state API, which Ray Train uses to release the placement group of a
     # run whose driver was stopped (an early-stopped Tune trial); without it those CPUs leak.
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    yield start_local_ray()
     ray.shutdown()
 
 

@@ -10,7 +10,7 @@ from orchestrator.cli import main
 from orchestrator.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "demo.yaml")  # demo: a pipeline file
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -101,3 +101,25 @@ def test_cli_validate_prints_resolved_config(capsys):
     assert main(["validate", str(ROOT / "configs/medical-ner-tiny.yaml"), "--set", "train.lr=0.01"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.01" in out and "task: token_classification" in out
+
+
+def test_readme_config_reference_is_generated_from_the_schema():
+    from orchestrator.reference import config_reference, update_readme
+
+    ref = config_reference()
+    assert "#### `train`" in ref and "| `lr` | float | `0.0002` |" in ref and "#### `runs[]`" in ref
+    assert update_readme(ROOT / "README.md", write=False), "README reference is stale: orchestrator reference --write"
+
+
+def test_pipeline_file_errors_name_the_field(tmp_path):
+    from orchestrator.pipeline import DEMO, load_pipeline
+
+    pipe, cfgs = load_pipeline(DEMO, ["set.train.max_steps=3", "runs.1.set.train.lr=0.01"])
+    assert [c.train.max_steps for c in cfgs] == [3, 3] and cfgs[1].train.lr == 0.01
+    assert pipe.stages == ["train", "tune", "merge", "serve", "ask"]
+    with pytest.raises(ConfigError, match=r"runs\[1\].*\n.*train.lr: Input should be greater than 0"):
+        load_pipeline(DEMO, ["runs.1.set.train.lr=-1"])
+    with pytest.raises(ConfigError, match="stages.*ask needs stage serve"):
+        load_pipeline(DEMO, ["stages=[train,ask]"])
+    with pytest.raises(ConfigError, match="not an index of runs"):
+        load_pipeline(DEMO, ["runs.5.tune=true"])

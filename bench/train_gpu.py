@@ -1,0 +1,223 @@
+"""QLoRA training throughput on one GPU: the seeds' recipe against the project's Ray Train path, side by side.
+
+    python bench/make_model.py /tmp/llama7b                      # random 7B-shaped weights, saved locally
+    python bench/train_gpu.py --model /tmp/llama7b --mix qa --steps 12 [--variants baseline project ...]
+
+Both load the same checkpoint through the 4-bit path (NF4, double quant, bf16 compute) with LoRA r=16 on all
+linear layers and paged_adamw_32bit, on the same examples:
+
+- ``qa``:   the constitution QA pairs made by the project's data pipeline (rule-based, train split);
+- ``long``: documents of 1,024-2,048 tokens cut from the constitution's text.
+
+``baseline`` is the seeds' way: transformers + peft + bitsandbytes in one process, no Ray, every example
+padded to the max length, gradient checkpointing, micro-batch 4. The ``project*`` variants run
+``orchestrator.train.run_training`` (Ray Train, one GPU worker) with packing (no pad tokens) and the settings
+named in VARIANTS. Reported per variant: median effective (non-pad) tokens/s and step time over the steps
+after the first two, peak memory (allocated and reserved), and MFU = 6 * N_active * tokens/s / peak bf16
+FLOP/s + attention (12 * layers * hidden * seq per token), N_active counting every base and LoRA weight in
+the forward and backward pass (the frozen 4-bit weights take part in both). Writes
+bench/results/train_gpu_<mix>[_TAG].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PDF = ROOT / "data/constitution/constitution-of-nepal-2015-en.pdf"
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak of the SXM parts
+MAXLEN = {"qa": 512, "long": 2048}
+# project variants: config overrides on top of the shared base
+VARIANTS = {
+    "project": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True},
+    "project-mb8": {"train.micro_batch_size": 8, "train.gradient_checkpointing": True},
+    "project-nockpt": {"train.micro_batch_size": 4, "train.gradient_checkpointing": False},
+    "project-mb2-nockpt": {"train.micro_batch_size": 2, "train.gradient_checkpointing": False},
+}
+
+
+def base_config(model: str, mix: str, data_file: str, steps: int, out: str):
+    from orchestrator.config import validate_config
+
+    return validate_config({
+        "name": f"bench-{mix}", "model": {"name_or_path": model, "task": "causal_lm", "attn_implementation": "sdpa"},
+        "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "data": {"format": "qa_jsonl", "train": [data_file], "max_seq_length": MAXLEN[mix], "packing": True,
+                 "chat_template": "plain", "tokenize_actors": 2, "split_fractions": [0.98, 0.01, 0.01]},
+        "train": {"max_steps": steps, "micro_batch_size": 4, "lr": 2e-4, "precision": "bf16",
+                  "optimizer": "paged_adamw_32bit", "eval_every": 10_000, "warmup_ratio": 0.0, "log_every": 1,
+                  "gradient_checkpointing": True, "keep_checkpoints": 1},
+        "scaling": {"num_workers": 1, "use_gpu": True}, "output_dir": out})
+
+
+def examples(mix: str, tokenizer) -> list[dict[str, str]]:
+    """QA pairs from the project's pipeline, or long documents cut from the constitution's text."""
+    from orchestrator.config import validate_config
+    from orchestrator.data import causal_lm_rows
+
+    cfg = validate_config({"name": "x", "model": {"name_or_path": "x"},
+                           "data": {"format": "pdf", "train": [str(PDF)], "qa": {"kind": "rules"}}})
+    splits, _, _ = causal_lm_rows(cfg)
+    if mix == "qa":
+        return splits["train"]
+    text = "\n".join(p["answer"] for rows in splits.values() for p in rows)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rng, docs, i = random.Random(0), [], 0
+    while len(docs) < 400:
+        n = rng.randint(1024 - 16, 2048 - 16)  # room for the template around the document
+        if i + n > len(ids):
+            i = rng.randint(0, 1000)
+        docs.append({"question": "Continue the text.", "answer": tokenizer.decode(ids[i:i + n])})
+        i += n
+    return docs
+
+
+def run_baseline(model_dir: str, rows: list[dict[str, str]], maxlen: int, steps: int) -> dict:
+    """The seeds' recipe: pad to max length, gradient checkpointing, micro-batch 4, no Ray."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from orchestrator.tokenization import format_prompt_answer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": 0}, attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    load_s = time.perf_counter() - t0
+    import bitsandbytes as bnb_optim
+
+    opt = bnb_optim.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    texts = ["".join(format_prompt_answer(tok, r["question"], r["answer"], "plain")) for r in rows]
+    random.Random(0).shuffle(texts)
+    torch.cuda.reset_peak_memory_stats()
+    times, toks = [], []
+    for s in range(steps):
+        batch = tok(texts[s * 4:(s + 1) * 4], padding="max_length", truncation=True, max_length=maxlen,
+                    return_tensors="pt").to("cuda")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        toks.append(int(batch["attention_mask"].sum()))
+    res = summarize(times, toks)
+    res.update(load_s=round(load_s, 1), peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20),
+               peak_reserved_mb=round(torch.cuda.max_memory_reserved() / 2**20), micro_batch=4, padded_to=maxlen,
+               gradient_checkpointing=True, packing=False)
+    del model, opt
+    torch.cuda.empty_cache()
+    return res
+
+
+def summarize(times: list[float], toks: list[int]) -> dict:
+    t, n = times[2:], toks[2:]
+    per_step = [k / s for k, s in zip(n, t, strict=True)]
+    return {"steps_measured": len(t), "median_step_s": round(statistics.median(t), 4),
+            "median_tokens_per_s": round(statistics.median(per_step), 1),
+            "mean_real_tokens_per_step": round(statistics.mean(n), 1)}
+
+
+def run_project(cfg, prepared) -> dict:
+    from orchestrator.train import run_training
+
+    res = run_training(cfg, prepared=prepared)
+    hist = res.history  # step_time_s: wall time since the previous step's metrics (data wait included)
+    out = summarize([h["step_time_s"] for h in hist], [h["real_tokens"] for h in hist])
+    out.update(peak_allocated_mb=round(max(h["peak_memory_mb"] for h in hist)),
+               peak_reserved_mb=round(max(h.get("peak_reserved_mb", 0) for h in hist)),
+               micro_batch=cfg.train.micro_batch_size, gradient_checkpointing=cfg.train.gradient_checkpointing,
+               packing=cfg.data.packing, max_seq_length=cfg.data.max_seq_length)
+    return out
+
+
+def mfu(r: dict, cfg_json: dict, n_params: float, gpu: str, seq: int) -> float | None:
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    if not peak:
+        return None
+    flops_per_token = 6 * n_params + 12 * cfg_json["num_hidden_layers"] * cfg_json["hidden_size"] * seq
+    return round(flops_per_token * r["median_tokens_per_s"] / peak, 4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--mix", choices=list(MAXLEN), default="qa")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--variants", nargs="+", default=["baseline", "project"])
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    import ray
+    import torch
+    from transformers import AutoTokenizer
+
+    from orchestrator.prepare import prepare_data
+    from orchestrator.runtime import init_ray
+
+    gpu = torch.cuda.get_device_name(0)
+    init_ray()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    rows = examples(args.mix, tok)
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    data_file = work / "train.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg_json = json.loads((Path(args.model) / "config.json").read_text())
+    results = {}
+    prepared = None
+    for v in args.variants:
+        t0 = time.perf_counter()
+        if v == "baseline":
+            r = run_baseline(args.model, rows, MAXLEN[args.mix], args.steps)
+        else:
+            from orchestrator.config import set_fields
+
+            cfg = set_fields(base_config(args.model, args.mix, str(data_file), args.steps, str(work)),
+                             {"name": f"bench-{args.mix}-{v}", **VARIANTS[v]})
+            prepared = prepared or prepare_data(cfg)
+            r = run_project(cfg, prepared)
+        r["wall_s"] = round(time.perf_counter() - t0, 1)
+        results[v] = r
+        print(json.dumps({v: r}), flush=True)
+    n_params = 6.74e9 if cfg_json["hidden_size"] == 4096 else None
+    for r in results.values():
+        seq = r.get("padded_to") or r.get("max_seq_length")
+        r["mfu"] = mfu(r, cfg_json, n_params, gpu, seq) if n_params else None
+        if "baseline" in results:
+            r["tokens_per_s_vs_baseline"] = round(r["median_tokens_per_s"] / results["baseline"]["median_tokens_per_s"], 3)
+    out = {"command": "python bench/train_gpu.py " + " ".join(sys.argv[1:]), "device": gpu,
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=ROOT).stdout.strip() or os.environ.get("BENCH_COMMIT", ""),
+           "host": platform.node(), "versions": {"torch": torch.__version__, "ray": ray.__version__},
+           "model": {k: cfg_json[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                               "intermediate_size", "vocab_size")},
+           "mix": args.mix, "examples": len(rows), "steps": args.steps, "results": results}
+    path = ROOT / f"bench/results/train_gpu_{args.mix}{('_' + args.tag) if args.tag else ''}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

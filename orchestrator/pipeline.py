@@ -1,0 +1,348 @@
+"""`orchestrator pipeline PIPELINE.yaml` and `orchestrator demo`: every stage, end to end, on one Ray instance.
+
+A pipeline file names run configs and the stages to run over them:
+
+    train  (each run: QLoRA on Ray Train; the data pipeline streams into it)
+    tune   (runs with ``tune: true``: a Ray Tune study over full training runs)
+    merge  (each run's adapter folded into its 16-bit base, fidelity measured)
+    serve  (all merged models on Ray Serve, one app)
+    ask    (the configured questions and clinical sentences sent through the HTTP API)
+
+then writes a summary report (Markdown + PNG) into ``output_dir/name``. A stage whose outputs are
+already complete is reused, so a pipeline that stopped half way continues where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import (
+    ConfigError,
+    PipelineConfig,
+    RunConfig,
+    apply_overrides,
+    flatten,
+    load_config,
+    read_raw,
+    validate_pipeline,
+)
+from orchestrator.io import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+@dataclass
+class RunOutcome:
+    cfg: RunConfig
+    metrics: dict[str, Any] = field(default_factory=dict)
+    train_s: float | None = None
+    study: list[dict[str, Any]] = field(default_factory=list)
+    best_trial: dict[str, Any] | None = None
+    merge: dict[str, Any] | None = None
+    answers: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class PipelineResult:
+    report_dir: Path
+    runs: list[RunOutcome]
+    url: str | None
+
+
+class Progress:
+    """Numbered stage banners with elapsed time."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n, self.t0 = total, 0, time.perf_counter()
+
+    def stage(self, text: str) -> None:
+        self.n += 1
+        print(f"\n[{self.n}/{self.total}  {self.elapsed()}] {text}", flush=True)
+
+    def elapsed(self) -> str:
+        s = int(time.perf_counter() - self.t0)
+        return f"{s // 60:d}:{s % 60:02d}"
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple[PipelineConfig, list[RunConfig]]:
+    """The pipeline file and its run configs, every override applied and validated before Ray starts.
+    Run config paths are relative to the pipeline file; paths inside run configs to ``base_dir``."""
+    path = Path(path)
+    pipe = validate_pipeline(apply_overrides(read_raw(path), overrides), str(path))
+    base = (path.parent / pipe.base_dir).resolve() if pipe.base_dir else Path.cwd()
+    out = Path(pipe.output_dir)
+    out = out if out.is_absolute() else base / out
+    cfgs = []
+    for i, run in enumerate(pipe.runs):
+        cfg_path = (path.parent / run.config).resolve()
+        sets = {**flatten(run.set), **flatten(pipe.set), "output_dir": str(out / pipe.name)}
+        try:
+            cfgs.append(load_config(cfg_path, [f"{k}={json.dumps(v)}" for k, v in sets.items()], base=base))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: runs[{i}] ({run.config}):\n{e}") from None
+    names = [c.name for c in cfgs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: runs: run names must differ, got {names}")
+    return pipe, cfgs
+
+
+def _train(cfg: RunConfig) -> tuple[dict[str, Any], float | None]:
+    from orchestrator.tiny import ensure_base_model
+    from orchestrator.train import run_training
+
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / "adapter" / "adapter_config.json").exists() and (run_dir / "metrics.json").exists():
+        print(f"  {cfg.name}: trained earlier, reusing {run_dir / 'adapter'}")
+        return json.loads((run_dir / "metrics.json").read_text()), None
+    ensure_base_model(cfg)
+    t0 = time.perf_counter()
+    run_training(cfg, resume=(run_dir / "train").exists())
+    return json.loads((run_dir / "metrics.json").read_text()), time.perf_counter() - t0
+
+
+def study_config(cfg: RunConfig, tune_set: dict[str, Any]) -> RunConfig:
+    from orchestrator.config import set_fields
+
+    return set_fields(cfg, {"name": f"{cfg.name}-tune", **flatten(tune_set)})
+
+
+def _tune(tcfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from orchestrator.tune import run_study
+
+    table = Path(tcfg.run_dir) / "trials.json"
+    if table.exists():
+        print(f"  {tcfg.name}: study finished earlier, reusing {table}")
+        trials = json.loads(table.read_text())
+    else:
+        trials = run_study(tcfg, resume=(Path(tcfg.run_dir) / "study").exists()).trials
+    key = f"best_{tcfg.tune.metric}"
+    scored = [t for t in trials if t.get(key) is not None]
+    best = (min if tcfg.tune.mode == "min" else max)(scored, key=lambda t: t[key])
+    return trials, best
+
+
+def _merge(cfg: RunConfig) -> dict[str, Any]:
+    from orchestrator.merge import heldout_rows, merge_adapter
+
+    out = Path(cfg.run_dir) / "merged"
+    if (out / "merge.json").exists() and (out / "config.json").exists():
+        print(f"  {cfg.name}: merged earlier, reusing {out}")
+        return json.loads((out / "merge.json").read_text())
+    r = merge_adapter(cfg, Path(cfg.run_dir) / "adapter", out, heldout_rows(cfg), "16bit", compare=False, examples=8)
+    f = r["fidelity"]["16bit"]
+    print(f"  {cfg.name}: merged into {out} (mean KL {f['mean_kl']:.2e}, top-1 agreement {f['top1_agreement']:.3f})")
+    return r
+
+
+def ask(url: str, cfgs: list[RunConfig], pipe: PipelineConfig, token: str | None = None) -> dict[str, list[dict]]:
+    """Send the pipeline's questions (chat completions) and sentences (entities) through the HTTP API."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    out: dict[str, list[dict]] = {}
+    with httpx.Client(base_url=url, timeout=300, headers=headers) as h:
+        for cfg in cfgs:
+            rows = out.setdefault(cfg.name, [])
+            if cfg.model.task == "causal_lm":
+                for q in pipe.ask.questions:
+                    r = h.post("/v1/chat/completions", json={
+                        "model": cfg.name, "messages": [{"role": "user", "content": q}], "temperature": 0,
+                        "max_tokens": pipe.ask.max_tokens})
+                    r.raise_for_status()
+                    rows.append({"question": q, "answer": r.json()["choices"][0]["message"]["content"].strip()})
+            else:
+                if not pipe.ask.entity_texts:
+                    continue
+                r = h.post("/v1/entities", json={"model": cfg.name, "texts": pipe.ask.entity_texts})
+                r.raise_for_status()
+                for text, res in zip(pipe.ask.entity_texts, r.json()["results"], strict=True):
+                    rows.append({"text": text, "entities": [
+                        {k: e[k] for k in ("type", "text", "start", "end", "score")} for e in res["entities"]]})
+    return out
+
+
+def run_pipeline(pipe: PipelineConfig, cfgs: list[RunConfig]) -> PipelineResult:
+    """Run the pipeline's stages in order over its runs, print a summary and write the report."""
+    import ray
+
+    from orchestrator.runtime import init_ray
+
+    stages = pipe.stages
+    tuned = [(c, study_config(c, r.tune_set)) for c, r in zip(cfgs, pipe.runs, strict=True) if r.tune]
+    steps = (len(cfgs) * ("train" in stages) + len(tuned) * ("tune" in stages) + ("merge" in stages)
+             + ("serve" in stages) + ("ask" in stages) + 1)
+    progress = Progress(steps + 1)
+    report_dir = Path(cfgs[0].output_dir)
+    outcomes = [RunOutcome(c) for c in cfgs]
+    started_here = not ray.is_initialized()
+    progress.stage(f"Ray: {'connecting' if not started_here else 'starting a local instance'}")
+    init_ray(pipe.num_cpus)
+    url = None
+    try:
+        if "train" in stages:
+            for o in outcomes:
+                c = o.cfg
+                progress.stage(f"train {c.name}: {c.model.task}, {c.scaling.num_workers} Ray Train workers, "
+                               f"{c.quantization.bits}-bit base, LoRA r={c.lora.r}")
+                o.metrics, o.train_s = _train(c)
+                _print_train(o)
+        if "tune" in stages:
+            for c, tcfg in tuned:
+                o = outcomes[cfgs.index(c)]
+                t = tcfg.tune
+                progress.stage(f"tune {c.name}: {t.num_samples} samples over {', '.join(t.search_space)}, "
+                               f"{t.scheduler} scheduler, metric {t.metric} ({t.mode})")
+                o.study, o.best_trial = _tune(tcfg)
+        if "merge" in stages:
+            progress.stage("merge: adapters into their 16-bit bases")
+            for o in outcomes:
+                o.merge = _merge(o.cfg)
+        if "serve" in stages:
+            from orchestrator.deploy import app_args, start, urls
+
+            progress.stage("serve: one Ray Serve app with " + ", ".join(c.name for c in cfgs))
+            args = app_args(cfgs)
+            url = start(args, pipe.serve_host, pipe.serve_port)
+            print(urls(url, args))
+        if "ask" in stages:
+            if url is None:
+                raise ConfigError("stage ask needs stage serve")
+            progress.stage("ask: questions and clinical sentences through the HTTP API")
+            answers = ask(url, cfgs, pipe)
+            for o in outcomes:
+                o.answers = answers.get(o.cfg.name, [])
+                _print_answers(o)
+        progress.stage("report")
+        summary = write_report(pipe, report_dir, outcomes, url, progress.elapsed())
+        print(summary)
+        print(f"report: {report_dir / 'report.md'}  (total {progress.elapsed()})")
+    finally:
+        if url and not pipe.keep_serving:
+            from ray import serve
+
+            serve.shutdown()
+        if started_here and not pipe.keep_serving:
+            ray.shutdown()
+    return PipelineResult(report_dir, outcomes, url)
+
+
+def _print_train(o: RunOutcome) -> None:
+    m = o.metrics
+    ev = ", ".join(f"{k} {v:.4g}" for k, v in m.get("final_eval", {}).items())
+    took = f" in {o.train_s:.0f} s" if o.train_s else ""
+    print(f"  {o.cfg.name}: {m['steps']} steps{took}, loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}; {ev}")
+
+
+def _print_answers(o: RunOutcome) -> None:
+    for a in o.answers:
+        if "question" in a:
+            print(f"  Q: {a['question']}\n  A: {a['answer']}")
+        else:
+            ents = "; ".join(f"{e['text']} ({e['type']}, {e['score']:.2f})" for e in a["entities"]) or "(none)"
+            print(f"  {a['text']}\n    -> {ents}")
+
+
+def summary_table(outcomes: list[RunOutcome]) -> list[list[str]]:
+    rows = [["run", "task", "steps", "train loss", "eval", "train time", "tune best", "merge KL / top-1"]]
+    for o in outcomes:
+        m = o.metrics
+        ev = ", ".join(f"{k} {v:.3g}" for k, v in m.get("final_eval", {}).items()
+                       if k in ("val_loss", "perplexity", "entity_f1")) or "-"
+        best = "-"
+        if o.best_trial:
+            metric = next(k for k in o.best_trial if k.startswith("best_"))
+            best = f"{metric[5:]} {o.best_trial[metric]:.3g} ({len(o.study)} trials)"
+        fid = "-"
+        if o.merge:
+            f = o.merge["fidelity"][o.merge["method"]]
+            fid = f"{f['mean_kl']:.1e} / {f['top1_agreement']:.3f}"
+        rows.append([o.cfg.name, o.cfg.model.task, str(m.get("steps", "-")),
+                     f"{m['first_loss']:.3f} -> {m['final_loss']:.3f}" if m else "-", ev,
+                     f"{o.train_s:.0f} s" if o.train_s else ("earlier" if m else "-"), best, fid])
+    return rows
+
+
+def _text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows[1:]])
+
+
+def _loss_plot(outcomes: list[RunOutcome]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(outcomes), figsize=(5.5 * len(outcomes), 3.4), dpi=110, squeeze=False)
+    for ax, o in zip(axes[0], outcomes, strict=True):
+        hist = o.metrics.get("history", [])
+        ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label="train loss")
+        ev = [h for h in hist if "val_loss" in h]
+        if ev:
+            ax.plot([h["step"] for h in ev], [h["val_loss"] for h in ev], marker="o", label="val loss")
+        ax.set_title(o.cfg.name)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(pipe: PipelineConfig, report_dir: Path, outcomes: list[RunOutcome], url: str | None,
+                 elapsed: str) -> str:
+    """report.md + losses.png + summary.json in ``report_dir``; returns the printed summary table."""
+    rows = summary_table(outcomes)
+    md = [f"# Pipeline {pipe.name}", "", f"Stages: {', '.join(pipe.stages)}. Wall time: {elapsed}.", "",
+          _md_table(rows), ""]
+    if any(o.metrics for o in outcomes):
+        atomic_write_bytes(report_dir / "losses.png", _loss_plot([o for o in outcomes if o.metrics]))
+        md += ["![training curves](losses.png)", ""]
+    for o in outcomes:
+        name = o.cfg.name
+        md += [f"## {name}", "", f"Run report: [{name}/report.md]({name}/report.md)"]
+        if o.study:
+            metric = next(k for k in o.study[0] if k.startswith("best_"))
+            md += ["", f"Tune study ({name}-tune/trials.csv):", "",
+                   _md_table([["trial", metric, "status", "evals"]]
+                             + [[t["trial_id"], f"{t[metric]:.4g}" if t[metric] is not None else "-", t["status"],
+                                 str(t["evals"])] for t in o.study])]
+        if o.merge:
+            md += ["", f"Merged model: [{name}/merged]({name}/merged/README.md) ({o.merge['method']})"]
+        for a in o.answers:
+            if "question" in a:
+                md += ["", f"**Q:** {a['question']}", "", f"**A:** {a['answer']}"]
+            else:
+                ents = ", ".join(f"`{e['text']}` ({e['type']})" for e in a["entities"]) or "none"
+                md += ["", f"*{a['text']}* → {ents}"]
+        md.append("")
+    if url:
+        md += [f"Served at {url} ({'still running' if pipe.keep_serving else 'shut down after the run'}).", ""]
+    atomic_write_text(report_dir / "report.md", "\n".join(md))
+    atomic_write_text(report_dir / "summary.json", json.dumps(
+        {"name": pipe.name, "stages": pipe.stages, "wall": elapsed, "table": rows,
+         "answers": {o.cfg.name: o.answers for o in outcomes},
+         "tune_best": {o.cfg.name: o.best_trial for o in outcomes if o.best_trial}}, indent=2, default=str))
+    return _text_table(rows)
+
+
+def run(path: str | Path, overrides: list[str] | None = None) -> PipelineResult:
+    """Entry for `orchestrator pipeline`, `orchestrator demo` and jobs/pipeline.py."""
+    pipe, cfgs = load_pipeline(path, overrides)
+    return run_pipeline(pipe, cfgs)

@@ -1,0 +1,102 @@
+"""`ray job submit` as users run it: a local Ray head started with `ray start --head`, the demo pipeline
+(configs/demo.yaml, shortened by --set) submitted with the Job Submission SDK and a working dir, run to
+SUCCEEDED: both models trained, a Tune study, both merged, served and asked over HTTP, report written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A second Ray instance, as `ray start --head --block` (stopped by signal, never `ray stop`, which
+    would also stop the test session's own instance)."""
+    gcs, dash = free_port(), free_port()
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_DEDUP_LOGS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "ray-head.log", "w")
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    from ray.job_submission import JobSubmissionClient
+
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            client = JobSubmissionClient(url)
+            client.list_jobs()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"ray start --head did not come up: {(tmp_path / 'ray-head.log').read_text()}") from None
+            time.sleep(2)
+    yield client
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_demo_pipeline_job_succeeds_on_a_local_head(ray_head, tiny_model_dir, tmp_path):
+    from ray.job_submission import JobStatus
+
+    out = tmp_path / "out"
+    sets = {
+        "output_dir": str(out), "serve_port": free_port(),
+        # the test session's tiny Llama instead of building the demo's (pre-training takes minutes)
+        "runs.0.set.model.name_or_path": str(tiny_model_dir), "runs.0.set.model.build_tiny": "false",
+        "set.train.max_steps": 4, "set.train.eval_every": 2, "set.train.log_every": 2,
+        "set.train.micro_batch_size": 4, "set.data.max_seq_length": 128, "set.data.tokenize_actors": 1,
+        "set.data.max_examples": 120, "set.data.qa.max_articles": 12,
+        "runs.0.tune_set.train.max_steps": 2, "runs.0.tune_set.train.eval_every": 1,
+        "ask.max_tokens": 8,
+    }
+    args = " ".join(f"--set {k}={v}" for k, v in sets.items())
+    job = ray_head.submit_job(entrypoint=f"{sys.executable} jobs/pipeline.py configs/demo.yaml {args}",
+                              runtime_env={"working_dir": str(ROOT)})
+    deadline = time.time() + 840
+    while (status := ray_head.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, "job did not finish in time:\n" + ray_head.get_job_logs(job)[-4000:]
+        time.sleep(5)
+    logs = ray_head.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-6000:]
+
+    demo = out / "demo"
+    for run in ("constitution-qa-tiny", "medical-ner-tiny"):
+        assert (demo / run / "adapter/adapter_model.safetensors").exists()
+        assert (demo / run / "merged/config.json").exists() and (demo / run / "merged/merge.json").exists()
+        assert json.loads((demo / run / "metrics.json").read_text())["steps"] == 4
+    trials = json.loads((demo / "constitution-qa-tiny-tune/trials.json").read_text())
+    assert len(trials) == 2 and {t["train.lr"] for t in trials} == {3e-3, 1e-4}
+    summary = json.loads((demo / "summary.json").read_text())
+    qa = summary["answers"]["constitution-qa-tiny"]
+    assert [a["question"] for a in qa][0].startswith("What does Article 16") and all("answer" in a for a in qa)
+    ner = summary["answers"]["medical-ner-tiny"]
+    assert len(ner) == 2 and all(isinstance(a["entities"], list) for a in ner)
+    report = (demo / "report.md").read_text()
+    assert "| constitution-qa-tiny |" in report and "losses.png" in report
+    assert (demo / "losses.png").stat().st_size > 1000
+    assert f"pipeline outputs: {demo}" in logs and "[8/8" in logs
