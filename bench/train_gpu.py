@@ -40,10 +40,13 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak of t
 MAXLEN = {"qa": 512, "long": 2048}
 # project variants: config overrides on top of the shared base
 VARIANTS = {
+    "project-log1": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True, "train.log_every": 1},
     "project": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True},
     "project-mb8": {"train.micro_batch_size": 8, "train.gradient_checkpointing": True},
+    "project-mb16": {"train.micro_batch_size": 16, "train.gradient_checkpointing": True},
     "project-nockpt": {"train.micro_batch_size": 4, "train.gradient_checkpointing": False},
     "project-mb2-nockpt": {"train.micro_batch_size": 2, "train.gradient_checkpointing": False},
+    "project-mb1": {"train.micro_batch_size": 1, "train.gradient_checkpointing": True},
 }
 
 
@@ -57,7 +60,7 @@ def base_config(model: str, mix: str, data_file: str, steps: int, out: str):
         "data": {"format": "qa_jsonl", "train": [data_file], "max_seq_length": MAXLEN[mix], "packing": True,
                  "chat_template": "plain", "tokenize_actors": 2, "split_fractions": [0.98, 0.01, 0.01]},
         "train": {"max_steps": steps, "micro_batch_size": 4, "lr": 2e-4, "precision": "bf16",
-                  "optimizer": "paged_adamw_32bit", "eval_every": 10_000, "warmup_ratio": 0.0, "log_every": 1,
+                  "optimizer": "paged_adamw_32bit", "eval_every": 10_000, "warmup_ratio": 0.0, "log_every": 1000,
                   "gradient_checkpointing": True, "keep_checkpoints": 1},
         "scaling": {"num_workers": 1, "use_gpu": True}, "output_dir": out})
 

@@ -146,7 +146,9 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     checkpoint_metric: str = "val_loss"
     checkpoint_mode: Literal["min", "max"] = "min"
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1, description="Report step metrics to Ray Train every N steps. Each report is a "
+                           "synchronisation point of all workers; every step's metrics are kept in the checkpoint "
+                           "history and metrics.json regardless.")
     strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
     max_failures: int = Field(2, ge=0)
 
