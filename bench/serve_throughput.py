@@ -103,8 +103,8 @@ def main() -> None:
               for c in args.concurrency}
     out = {"command": "python bench/serve_throughput.py " + " ".join(sys.argv[1:]),
            "device": torch.cuda.get_device_name(0) if gpu else f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=ROOT).stdout.strip(),
+           "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
+               ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
            "versions": {"torch": torch.__version__, "ray": ray.__version__},
            "model": str(model).replace(f"{ROOT}/", ""), "max_tokens": args.max_tokens, "results": results,
            "batched_over_unbatched_tokens_per_s": ratios}

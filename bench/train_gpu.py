@@ -211,8 +211,8 @@ def main() -> None:
         if "baseline" in results:
             r["tokens_per_s_vs_baseline"] = round(r["median_tokens_per_s"] / results["baseline"]["median_tokens_per_s"], 3)
     out = {"command": "python bench/train_gpu.py " + " ".join(sys.argv[1:]), "device": gpu,
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=ROOT).stdout.strip() or os.environ.get("BENCH_COMMIT", ""),
+           "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
+               ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
            "host": platform.node(), "versions": {"torch": torch.__version__, "ray": ray.__version__},
            "model": {k: cfg_json[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                "intermediate_size", "vocab_size")},
