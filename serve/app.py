@@ -582,7 +582,10 @@ def _wire_routes() -> None:
 
 
 _wire_routes()
-GatewayDeployment = serve.deployment(name="Gateway", max_ongoing_requests=256)(serve.ingress(api)(Gateway))
+# The gateway only validates and forwards (the models' replicas do the work): it reserves no CPU, so a
+# small machine's cores go to the model replicas.
+GatewayDeployment = serve.deployment(name="Gateway", max_ongoing_requests=256,
+                                     ray_actor_options={"num_cpus": 0})(serve.ingress(api)(Gateway))
 
 
 def _options(spec: ModelSpec) -> dict[str, Any]:
