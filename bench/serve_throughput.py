@@ -91,9 +91,14 @@ def main() -> None:
                 "max_queued_requests": -1}
         url = start({"models": [spec]}, "127.0.0.1", PORT)
         asyncio.run(drive(url, 4, 8, args.max_tokens, prompts))  # warm-up
+        gen = serve.get_deployment_handle("TextGenerator-bench", "orchestrator")
         for c in args.concurrency:
+            seen = len(gen.batch_sizes.remote().result())
             r = asyncio.run(drive(url, c, max(args.requests, c), args.max_tokens, prompts))
+            sizes = gen.batch_sizes.remote().result()[seen:]  # what @serve.batch actually grouped
             r["mode"] = label
+            r["batches"] = len(sizes)
+            r["mean_batch_size"] = round(statistics.mean(sizes), 2) if sizes else None
             print(json.dumps(r))
             results.append(r)
         serve.delete("orchestrator")

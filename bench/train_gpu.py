@@ -10,7 +10,9 @@ linear layers and paged_adamw_32bit, on the same examples:
 - ``long``: documents of 1,024-2,048 tokens cut from the constitution's text.
 
 ``baseline`` is the seeds' way: transformers + peft + bitsandbytes in one process, no Ray, every example
-padded to the max length, gradient checkpointing, micro-batch 4. The ``project*`` variants run
+padded to the max length, gradient checkpointing, micro-batch 4 (``baseline-amp``: the same inside bf16
+autocast, as transformers' Trainer runs with ``bf16=True``; without it the fp32 layers that
+prepare_model_for_kbit_training leaves keep the residual stream, and attention, in fp32). The ``project*`` variants run
 ``orchestrator.train.run_training`` (Ray Train, one GPU worker) with packing (no pad tokens) and the settings
 named in VARIANTS. Reported per variant: median effective (non-pad) tokens/s and step time over the steps
 after the first two, peak memory (allocated and reserved), and MFU = 6 * N_active * tokens/s / peak bf16
@@ -87,8 +89,11 @@ def examples(mix: str, tokenizer) -> list[dict[str, str]]:
     return docs
 
 
-def run_baseline(model_dir: str, rows: list[dict[str, str]], maxlen: int, steps: int) -> dict:
-    """The seeds' recipe: pad to max length, gradient checkpointing, micro-batch 4, no Ray."""
+def run_baseline(model_dir: str, rows: list[dict[str, str]], maxlen: int, steps: int, amp: bool = False) -> dict:
+    """The seeds' recipe: pad to max length, gradient checkpointing, micro-batch 4, no Ray. ``amp``: bf16
+    autocast around the forward pass, as transformers' Trainer does with ``bf16=True``."""
+    import contextlib
+
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -120,7 +125,8 @@ def run_baseline(model_dir: str, rows: list[dict[str, str]], maxlen: int, steps:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = model(**batch, labels=labels).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            loss = model(**batch, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -130,7 +136,7 @@ def run_baseline(model_dir: str, rows: list[dict[str, str]], maxlen: int, steps:
     res = summarize(times, toks)
     res.update(load_s=round(load_s, 1), peak_allocated_mb=round(torch.cuda.max_memory_allocated() / 2**20),
                peak_reserved_mb=round(torch.cuda.max_memory_reserved() / 2**20), micro_batch=4, padded_to=maxlen,
-               gradient_checkpointing=True, packing=False)
+               gradient_checkpointing=True, packing=False, autocast_bf16=amp)
     del model, opt
     torch.cuda.empty_cache()
     return res
@@ -192,8 +198,8 @@ def main() -> None:
     prepared = None
     for v in args.variants:
         t0 = time.perf_counter()
-        if v == "baseline":
-            r = run_baseline(args.model, rows, MAXLEN[args.mix], args.steps)
+        if v in ("baseline", "baseline-amp"):
+            r = run_baseline(args.model, rows, MAXLEN[args.mix], args.steps, amp=v == "baseline-amp")
         else:
             from orchestrator.config import set_fields
 
