@@ -25,9 +25,11 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(tmp_path, monkeypatch):
     """A second Ray instance, as `ray start --head --block` (stopped by signal, never `ray stop`, which
-    would also stop the test session's own instance)."""
+    would also stop the test session's own instance). `ray start` turns on token authentication (the
+    token in ~/.ray/auth_token); the job client sends it with RAY_AUTH_MODE=token, as users do."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     gcs, dash = free_port(), free_port()
     ray_bin = Path(sys.executable).parent / "ray"
     env = {**os.environ, "RAY_DEDUP_LOGS": "1"}
@@ -46,10 +48,11 @@ def ray_head(tmp_path):
             client = JobSubmissionClient(url)
             client.list_jobs()
             break
-        except Exception:
+        except Exception as e:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError(f"ray start --head did not come up: {(tmp_path / 'ray-head.log').read_text()}") from None
+                raise RuntimeError(f"ray start --head did not come up ({e}): "
+                                   f"{(tmp_path / 'ray-head.log').read_text()[-2000:]}") from None
             time.sleep(2)
     yield client
     os.killpg(proc.pid, signal.SIGTERM)
