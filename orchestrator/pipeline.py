@@ -197,7 +197,7 @@ def run_pipeline(pipe: PipelineConfig, cfgs: list[RunConfig]) -> PipelineResult:
             for c, tcfg in tuned:
                 o = outcomes[cfgs.index(c)]
                 t = tcfg.tune
-                progress.stage(f"tune {c.name}: {t.num_samples} samples over {', '.join(t.search_space)}, "
+                progress.stage(f"tune {c.name}: {t.num_samples} sample(s) of the space over {', '.join(t.search_space)}, "
                                f"{t.scheduler} scheduler, metric {t.metric} ({t.mode})")
                 o.study, o.best_trial = _tune(tcfg)
         if "merge" in stages:
