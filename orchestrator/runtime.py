@@ -16,8 +16,10 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     kwargs = {"log_to_driver": True, "logging_level": logging.WARNING if quiet else logging.INFO}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
+    elif num_cpus:  # a local instance of that size, even if a `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)  # the dashboard comes up at http://127.0.0.1:8265
+        ray.init(**kwargs)  # a `ray start` cluster on this machine if there is one, else a new local instance
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
 

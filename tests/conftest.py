@@ -26,7 +26,7 @@ def start_local_ray():
 
     # The dashboard serves Ray's state API, which Ray Train uses to release the placement group of a
     # run whose driver was stopped (an early-stopped Tune trial); without it those CPUs leak.
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)  # never a `ray start` head
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
 

@@ -25,11 +25,11 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path, monkeypatch):
+def ray_head(tmp_path):
     """A second Ray instance, as `ray start --head --block` (stopped by signal, never `ray stop`, which
-    would also stop the test session's own instance). `ray start` turns on token authentication (the
-    token in ~/.ray/auth_token); the job client sends it with RAY_AUTH_MODE=token, as users do."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    would also stop the test session's own instance). `ray start` turns on token authentication; the
+    client sends the head's token (~/.ray/auth_token) as a bearer header, since a process that already
+    started its own Ray instance keeps that instance's (disabled) auth mode."""
     gcs, dash = free_port(), free_port()
     ray_bin = Path(sys.executable).parent / "ray"
     env = {**os.environ, "RAY_DEDUP_LOGS": "1"}
@@ -43,14 +43,16 @@ def ray_head(tmp_path, monkeypatch):
 
     url = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
+    token_file = Path.home() / ".ray" / "auth_token"
     while True:
         try:
-            client = JobSubmissionClient(url)
+            headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else None
+            client = JobSubmissionClient(url, headers=headers)
             client.list_jobs()
             break
         except Exception as e:
             if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 raise RuntimeError(f"ray start --head did not come up ({e}): "
                                    f"{(tmp_path / 'ray-head.log').read_text()[-2000:]}") from None
             time.sleep(2)
