@@ -280,9 +280,9 @@ def _md_table(rows: list[list[str]]) -> str:
 
 
 def _loss_plot(outcomes: list[RunOutcome]) -> bytes:
-    import io
-
     import matplotlib
+
+    from orchestrator.report import figure_png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -298,11 +298,7 @@ def _loss_plot(outcomes: list[RunOutcome]) -> bytes:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_report(pipe: PipelineConfig, report_dir: Path, outcomes: list[RunOutcome], url: str | None,

@@ -33,6 +33,13 @@ def _plot(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str,
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    return figure_png(fig)
+
+
+def figure_png(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
