@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-wait", type=float, default=0.01, help="@serve.batch wait timeout (s)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     os.chdir(ROOT)
@@ -86,19 +87,23 @@ def main() -> None:
     results = []
     for label, bs in (("batching off", 1), (f"batching on (max {args.batch_size})", args.batch_size)):
         spec = {"name": "bench", "task": "causal_lm", "path": str(model), "num_cpus": 0, "num_gpus": 1 if gpu else 0,
-                "max_batch_size": bs, "batch_wait_timeout_s": 0.01, "max_tokens_limit": args.max_tokens,
+                "max_batch_size": bs, "batch_wait_timeout_s": args.batch_wait, "max_tokens_limit": args.max_tokens,
                 "max_input_length": 256, "max_ongoing_requests": max(64, args.batch_size * 2),
                 "max_queued_requests": -1}
         url = start({"models": [spec]}, "127.0.0.1", PORT)
         asyncio.run(drive(url, 4, 8, args.max_tokens, prompts))  # warm-up
         gen = serve.get_deployment_handle("TextGenerator-bench", "orchestrator")
         for c in args.concurrency:
-            seen = len(gen.batch_sizes.remote().result())
+            seen = len(gen.batch_log.remote().result())
             r = asyncio.run(drive(url, c, max(args.requests, c), args.max_tokens, prompts))
-            sizes = gen.batch_sizes.remote().result()[seen:]  # what @serve.batch actually grouped
+            log = gen.batch_log.remote().result()[seen:]  # what @serve.batch actually grouped, and its cost
             r["mode"] = label
-            r["batches"] = len(sizes)
-            r["mean_batch_size"] = round(statistics.mean(sizes), 2) if sizes else None
+            r["batches"] = len(log)
+            r["mean_batch_size"] = round(statistics.mean(n for n, _ in log), 2) if log else None
+            r["median_batch_generate_s"] = round(statistics.median(s for _, s in log), 3) if log else None
+            # share of the wall time the replica spent inside generate (the rest: waiting for requests)
+            r["generate_busy_fraction"] = round(sum(s for _, s in log) / r["wall_s"], 3)
+            r["batch_sizes"] = [n for n, _ in log]
             print(json.dumps(r))
             results.append(r)
         serve.delete("orchestrator")

@@ -2,6 +2,7 @@
 
     python bench/make_model.py /tmp/llama7b                      # random 7B-shaped weights, saved locally
     python bench/train_gpu.py --model /tmp/llama7b --mix qa --steps 12 [--variants baseline project ...]
+    python bench/train_gpu.py --model /tmp/llama7b --variants project project@2       # DDP scaling, 2 GPUs
 
 Both load the same checkpoint through the 4-bit path (NF4, double quant, bf16 compute) with LoRA r=16 on all
 linear layers and paged_adamw_32bit, on the same examples:
@@ -17,7 +18,11 @@ prepare_model_for_kbit_training leaves keep the residual stream, and attention, 
 named in VARIANTS. Reported per variant: median effective (non-pad) tokens/s and step time over the steps
 after the first two, peak memory (allocated and reserved), and MFU = 6 * N_active * tokens/s / peak bf16
 FLOP/s + attention (12 * layers * hidden * seq per token), N_active counting every base and LoRA weight in
-the forward and backward pass (the frozen 4-bit weights take part in both). Writes
+the forward and backward pass (the frozen 4-bit weights take part in both); per GPU for multi-GPU runs.
+Also per project variant: the share of step time a worker was blocked on the Ray Data stream
+(``data_wait_fraction``) and the GPUs' busy fraction (``nvidia-smi`` utilization over the measured steps).
+``VARIANT@N`` runs a project variant on N GPU workers (DDP); with the 1-GPU variant in the same run it
+reports scaling efficiency = throughput(N) / (N * throughput(1)). Writes
 bench/results/train_gpu_<mix>[_TAG].json.
 """
 
@@ -150,25 +155,66 @@ def summarize(times: list[float], toks: list[int]) -> dict:
             "mean_real_tokens_per_step": round(statistics.mean(n), 1)}
 
 
-def run_project(cfg, prepared) -> dict:
+class GpuSampler:
+    """``nvidia-smi`` utilization (share of time a kernel ran) per GPU, sampled every 200 ms."""
+
+    def __init__(self):
+        import threading
+
+        self.samples: list[tuple[float, list[float]]] = []
+        self.proc = None
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "200"], stdout=subprocess.PIPE, text=True)
+        except OSError:
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        rows: list[float] = []
+        n = len(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.splitlines())
+        for line in self.proc.stdout:
+            rows.append(float(line.strip() or 0))
+            if len(rows) == n:
+                self.samples.append((time.time(), rows))
+                rows = []
+
+    def busy(self, start: float, end: float, gpus: int) -> float | None:
+        vals = [statistics.mean(r[:gpus]) for t, r in self.samples if start <= t <= end]
+        return round(statistics.mean(vals) / 100, 3) if vals else None
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+
+
+def run_project(cfg, prepared, sampler: GpuSampler | None = None) -> dict:
     from orchestrator.train import run_training
 
     res = run_training(cfg, prepared=prepared)
     hist = res.history  # step_time_s: wall time since the previous step's metrics (data wait included)
+    n = cfg.scaling.num_workers
     out = summarize([h["step_time_s"] for h in hist], [h["real_tokens"] for h in hist])
-    out.update(peak_allocated_mb=round(max(h["peak_memory_mb"] for h in hist)),
+    measured = hist[2:]
+    out.update(workers=n, median_tokens_per_s_per_gpu=round(out["median_tokens_per_s"] / n, 1),
+               peak_allocated_mb=round(max(h["peak_memory_mb"] for h in hist)),
                peak_reserved_mb=round(max(h.get("peak_reserved_mb", 0) for h in hist)),
+               data_wait_fraction=round(sum(h["data_wait_s"] for h in measured)
+                                        / sum(h["step_time_s"] for h in measured), 4),
                micro_batch=cfg.train.micro_batch_size, gradient_checkpointing=cfg.train.gradient_checkpointing,
                packing=cfg.data.packing, max_seq_length=cfg.data.max_seq_length)
+    if sampler:  # GPU busy over the measured steps (rank 0's clock; one host)
+        out["gpu_busy_fraction"] = sampler.busy(measured[0]["timestamp"] - measured[0]["step_time_s"],
+                                                measured[-1]["timestamp"], n)
     return out
 
 
-def mfu(r: dict, cfg_json: dict, n_params: float, gpu: str, seq: int) -> float | None:
+def mfu(tokens_per_s: float, cfg_json: dict, n_params: float, gpu: str, seq: int) -> float | None:
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     if not peak:
         return None
     flops_per_token = 6 * n_params + 12 * cfg_json["num_hidden_layers"] * cfg_json["hidden_size"] * seq
-    return round(flops_per_token * r["median_tokens_per_s"] / peak, 4)
+    return round(flops_per_token * tokens_per_s / peak, 4)
 
 
 def main() -> None:
@@ -196,6 +242,7 @@ def main() -> None:
     cfg_json = json.loads((Path(args.model) / "config.json").read_text())
     results = {}
     prepared = None
+    sampler = GpuSampler()
     for v in args.variants:
         t0 = time.perf_counter()
         if v in ("baseline", "baseline-amp"):
@@ -203,23 +250,30 @@ def main() -> None:
         else:
             from orchestrator.config import set_fields
 
+            name, _, workers = v.partition("@")  # project-mb8@2: the variant on 2 GPU workers (DDP)
             cfg = set_fields(base_config(args.model, args.mix, str(data_file), args.steps, str(work)),
-                             {"name": f"bench-{args.mix}-{v}", **VARIANTS[v]})
+                             {"name": f"bench-{args.mix}-{v.replace('@', '-x')}", **VARIANTS[name],
+                              "scaling.num_workers": int(workers or 1)})
             prepared = prepared or prepare_data(cfg)
-            r = run_project(cfg, prepared)
+            r = run_project(cfg, prepared, sampler)
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         results[v] = r
         print(json.dumps({v: r}), flush=True)
+    sampler.stop()
     n_params = 6.74e9 if cfg_json["hidden_size"] == 4096 else None
-    for r in results.values():
+    for v, r in results.items():
         seq = r.get("padded_to") or r.get("max_seq_length")
-        r["mfu"] = mfu(r, cfg_json, n_params, gpu, seq) if n_params else None
+        per_gpu = r.get("median_tokens_per_s_per_gpu", r["median_tokens_per_s"])
+        r["mfu"] = mfu(per_gpu, cfg_json, n_params, gpu, seq) if n_params else None
         if "baseline" in results:
-            r["tokens_per_s_vs_baseline"] = round(r["median_tokens_per_s"] / results["baseline"]["median_tokens_per_s"], 3)
+            r["tokens_per_s_vs_baseline"] = round(per_gpu / results["baseline"]["median_tokens_per_s"], 3)
+        one = results.get(v.partition("@")[0])
+        if "@" in v and one:  # scaling efficiency = throughput(n) / (n * throughput(1)), same run, same host
+            r["scaling_efficiency"] = round(per_gpu / one["median_tokens_per_s_per_gpu"], 3)
     out = {"command": "python bench/train_gpu.py " + " ".join(sys.argv[1:]), "device": gpu,
            "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
-           "host": platform.node(), "versions": {"torch": torch.__version__, "ray": ray.__version__},
+           "host": platform.node(), "gpus": torch.cuda.device_count(), "versions": {"torch": torch.__version__, "ray": ray.__version__},
            "model": {k: cfg_json[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                "intermediate_size", "vocab_size")},
            "mix": args.mix, "examples": len(rows), "steps": args.steps, "results": results}

@@ -11,8 +11,10 @@ label alignment.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,24 +79,63 @@ def _segment_group(group) -> dict[str, list]:
     return {"document": [path] * len(rows), "article": [json.dumps(r) for r in rows]}
 
 
-def read_articles(pdf_paths: list[str]) -> list[dict]:
-    """Segment PDFs into article rows with Ray Data (pages extracted in parallel)."""
+def article_cache_dir() -> Path:
+    """Where segmented documents are cached: $ORCHESTRATOR_CACHE_DIR, else ~/.cache/orchestrator."""
+    root = os.environ.get("ORCHESTRATOR_CACHE_DIR") or Path.home() / ".cache" / "orchestrator"
+    return Path(root) / "articles"
+
+
+def _cache_key(pdf: Path) -> str:
+    """The PDF's bytes plus the extraction code (and pypdf's version): a change to either misses."""
+    import pypdf
+
+    from orchestrator import documents
+
+    h = hashlib.sha256(Path(pdf).read_bytes())
+    h.update(Path(documents.__file__).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    h.update(pypdf.__version__.encode())
+    return h.hexdigest()[:32]
+
+
+def read_articles(pdf_paths: list[str], cache: bool = True) -> list[dict]:
+    """Segment PDFs into article rows with Ray Data (pages extracted in parallel).
+
+    With ``cache``, a document segmented before (same bytes, same code) is read back from
+    :func:`article_cache_dir` instead: train, tune trials, merge and eval of one corpus share it.
+    """
     import ray
 
-    items = []
     for p in pdf_paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"data.train: {p}: no such file")
-        n = pdf_page_count(p)
-        items += [{"path": str(p), "start": s, "count": min(PAGES_PER_TASK, n - s)} for s in range(0, n, PAGES_PER_TASK)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    pages = ds.map_batches(_extract_batch, batch_size=1, batch_format="numpy")
-    arts = pages.groupby("path").map_groups(_segment_group, batch_format="numpy")
-    rows = [json.loads(r["article"]) | {"document": r["document"]} for r in arts.take_all()]
+    cached: dict[str, list[dict]] = {}
+    keys = {str(p): _cache_key(Path(p)) for p in pdf_paths} if cache else {}
+    for p, key in keys.items():
+        f = article_cache_dir() / f"{key}.json"
+        if f.is_file():
+            cached[p] = [r | {"document": p} for r in json.loads(f.read_text())]
+            log.info("%s: %d articles from the cache (%s)", p, len(cached[p]), f)
+    todo = [str(p) for p in pdf_paths if str(p) not in cached]
+    rows = [r for rs in cached.values() for r in rs]
+    if todo:
+        items = []
+        for p in todo:
+            n = pdf_page_count(p)
+            items += [{"path": p, "start": s, "count": min(PAGES_PER_TASK, n - s)} for s in range(0, n, PAGES_PER_TASK)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        pages = ds.map_batches(_extract_batch, batch_size=1, batch_format="numpy")
+        arts = pages.groupby("path").map_groups(_segment_group, batch_format="numpy")
+        new = [json.loads(r["article"]) | {"document": r["document"]} for r in arts.take_all()]
+        for p in todo:
+            mine = sorted((r for r in new if r["document"] == p), key=lambda r: r["number"])
+            if not mine:
+                raise ValueError(f"{p}: no articles found (expected headings like '1. Title: text' after a 'Part-1' line)")
+            if cache:
+                body = json.dumps([{k: v for k, v in r.items() if k != "document"} for r in mine])
+                atomic_write_text(article_cache_dir() / f"{keys[p]}.json", body)
+        rows += new
     rows.sort(key=lambda r: (r["document"], r["number"]))
-    for p in pdf_paths:
-        if not any(r["document"] == str(p) for r in rows):
-            raise ValueError(f"{p}: no articles found (expected headings like '1. Title: text' after a 'Part-1' line)")
     return rows
 
 

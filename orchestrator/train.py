@@ -234,7 +234,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if pg is not None:
             (run_dir / PLACEMENT_GROUP_FILE).write_text(pg.id.hex())
     train_shard = my_shard("train")
-    t_window, tok_window = time.perf_counter(), 0
+    t_window, tok_window, wait_window = time.perf_counter(), 0, 0.0
     while step < plan.total_steps:
         batches = iter(train_shard.iter_torch_batches(
             batch_size=t.micro_batch_size, collate_fn=task.collate, device=device,
@@ -245,7 +245,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             n_micro = plan.micro_in_step(micro_done // t.grad_accum, t.grad_accum)
             loss_sum = 0.0
             for k in range(n_micro):
-                batch = next(batches)
+                t_wait = time.perf_counter()
+                batch = next(batches)  # time blocked here is time the device waits for the data stream
+                wait_window += time.perf_counter() - t_wait
                 sync = k == n_micro - 1 or world == 1
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg, device):
                     out = model(**task.forward_inputs(batch))
@@ -275,11 +277,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             metrics = {"step": step, "epoch": epoch + micro_done / plan.micro_per_epoch,
                        "loss": float(step_loss), "lr": scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm), "tokens_per_s": tokens_total / max(now - t_window, 1e-9),
-                       "real_tokens": tokens_total, "step_time_s": now - t_window,
+                       "real_tokens": tokens_total, "step_time_s": now - t_window, "data_wait_s": wait_window, "timestamp": time.time(),
                        "peak_memory_mb": peak_memory_mb(device)}
             if device.type == "cuda":
                 metrics["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
-            t_window, tok_window = now, 0
+            t_window, tok_window, wait_window = now, 0, 0.0
             is_eval = step % t.eval_every == 0 or step == plan.total_steps
             if is_eval:
                 metrics.update(evaluate())

@@ -178,7 +178,7 @@ class TextGenerator:
         self.lock = threading.Lock()
         self.generate_batch.set_max_batch_size(self.spec.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
-        self.batches: list[int] = []  # sizes of recent batches (for tests and the benchmark)
+        self.batches: list[tuple[int, float]] = []  # recent batches: (size, seconds in generate)
         torch.set_grad_enabled(False)
 
     def check_health(self) -> None:
@@ -186,6 +186,10 @@ class TextGenerator:
             raise RuntimeError("model not loaded")
 
     def batch_sizes(self) -> list[int]:
+        return [n for n, _ in self.batches]
+
+    def batch_log(self) -> list[tuple[int, float]]:
+        """Recent batches as (size, seconds spent generating): for tests and the benchmark."""
         return list(self.batches)
 
     # -- adapters (multiplexed)
@@ -275,7 +279,7 @@ class TextGenerator:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def generate_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        self.batches = (self.batches + [len(reqs)])[-1000:]
+        t0 = time.perf_counter()
         results: list[Any] = [None] * len(reqs)
         groups: dict[tuple, list[int]] = {}
         encoded: list[Any] = []
@@ -292,6 +296,7 @@ class TextGenerator:
             outs = await asyncio.to_thread(self._generate, [reqs[i] for i in idx], [encoded[i] for i in idx])
             for i, o in zip(idx, outs, strict=True):
                 results[i] = o
+        self.batches = (self.batches + [(len(reqs), time.perf_counter() - t0)])[-1000:]
         return results
 
     def _defaults(self, req: dict[str, Any]) -> dict[str, Any]:

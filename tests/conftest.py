@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# Segmented documents are cached per test session (read_articles), never in the user's home.
+os.environ["ORCHESTRATOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="orchestrator-cache-")
 # The Serve tests' bearer token: set before Ray starts, so the Serve replicas inherit it.
 SERVE_TOKEN_ENV = "ORCHESTRATOR_TEST_TOKEN"
 os.environ[SERVE_TOKEN_ENV] = "test-token-123"

@@ -31,10 +31,27 @@ def ner_config(tmp_path, **data):
     return validate_config(raw)
 
 
-def test_ray_pdf_reader_matches_direct_segmentation(ray_local, articles):
+def test_ray_pdf_reader_matches_direct_segmentation_and_caches(ray_local, articles, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("ORCHESTRATOR_CACHE_DIR", str(tmp_path / "cache"))
     rows = read_articles([str(PDF)])
     assert [(r["number"], r["title"]) for r in rows] == [(a.number, a.title) for a in articles]
     assert rows[0]["document"] == str(PDF)
+    (cached,) = (tmp_path / "cache/articles").glob("*.json")
+
+    # Same bytes under another name: read back from the cache, Ray Data is not touched.
+    copy = tmp_path / "copy.pdf"
+    copy.write_bytes(PDF.read_bytes())
+    monkeypatch.setattr(ray.data, "from_items", lambda *a, **k: pytest.fail("the cache was not used"))
+    again = read_articles([str(copy)])
+    assert [r | {"document": str(PDF)} for r in again] == rows and again[0]["document"] == str(copy)
+
+    # Other bytes miss the cache.
+    copy.write_bytes(PDF.read_bytes() + b"\n%% edited\n")
+    with pytest.raises(pytest.fail.Exception, match="cache was not used"):
+        read_articles([str(copy)])
+    assert cached.exists()
 
 
 def test_missing_pdf_is_named(ray_local, tmp_path):

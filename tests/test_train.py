@@ -32,13 +32,19 @@ def qa_prepared(ray_local, tiny_model_dir, tmp_path_factory):
     return prepare(cfg)
 
 
-def test_causal_lm_trains_and_writes_outputs(qa_prepared, tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def qa_run(qa_prepared, tiny_model_dir, tmp_path_factory):
+    """One uninterrupted 2-worker run: checked for its outputs, and the reference of the resume test."""
+    cfg = qa_cfg(tiny_model_dir, tmp_path_factory.mktemp("qa"))
+    return cfg, run_training(cfg, prepared=qa_prepared)
+
+
+def test_causal_lm_trains_and_writes_outputs(qa_run, qa_prepared, tiny_model_dir):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    cfg = qa_cfg(tiny_model_dir, tmp_path)
-    res = run_training(cfg, prepared=qa_prepared)
+    cfg, res = qa_run
     losses = [h["loss"] for h in res.history]
     assert len(losses) == 6 and losses[-1] < losses[0]
     evals = [h for h in res.history if "val_loss" in h]
@@ -121,10 +127,10 @@ def test_ner_trains_with_entity_metrics(ray_local, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["exit"])
-def test_killed_worker_resumes_exactly(qa_prepared, tiny_model_dir, tmp_path, monkeypatch, mode):
+def test_killed_worker_resumes_exactly(qa_run, qa_prepared, tiny_model_dir, tmp_path, monkeypatch, mode):
     """Rank 1 dies after step 3; Ray Train restarts the group from the step-2 checkpoint and the run ends
     with the same steps and the same losses as an uninterrupted run of the same seed."""
-    clean = run_training(qa_cfg(tiny_model_dir, tmp_path, name="clean"), prepared=qa_prepared)
+    clean = qa_run[1]
     monkeypatch.setenv(FAULT_ENV, f"step=3,rank=1,mode={mode}")
     faulty = run_training(qa_cfg(tiny_model_dir, tmp_path, name="faulty"), prepared=qa_prepared)
     assert (tmp_path / "faulty/.fault-3-1").exists()  # the fault really happened
