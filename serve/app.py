@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
@@ -156,6 +157,59 @@ def _dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+# Batches formed by @serve.batch may all be in flight at once; _Coalescer decides what runs together.
+MAX_BATCHES_IN_FLIGHT = 64
+
+
+class _BatchSizeWarningFilter(logging.Filter):
+    """Ray Serve warns when max_batch_size x max_concurrent_batches exceeds max_ongoing_requests; with the
+    coalescer the batches in flight are merged, not run side by side, so the warning does not apply."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`max_concurrent_batches`" not in record.getMessage()
+
+
+logging.getLogger("ray.serve").addFilter(_BatchSizeWarningFilter())
+
+
+class _Coalescer:
+    """Runs a batch function on one worker thread at a time. @serve.batch (Ray 2.60) forms a batch from
+    what arrives within its wait timeout and does not wait for the model to be free before forming the
+    next one, so under load it hands over many small batches; the ones handed in while the model is busy
+    are merged here into the next call, up to ``max_size`` items."""
+
+    def __init__(self, fn, max_size: int):
+        self.fn, self.max_size = fn, max_size
+        self.pending: list[tuple[Any, asyncio.Future]] = []
+        self.running = False
+
+    async def submit(self, items: list[Any]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self.pending += list(zip(items, futures, strict=True))
+        if not self.running:
+            self.running = True
+            loop.create_task(self._drain())
+        return list(await asyncio.gather(*futures))
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                take, self.pending = self.pending[: self.max_size], self.pending[self.max_size:]
+                try:
+                    outs = await asyncio.to_thread(self.fn, [item for item, _ in take])
+                except Exception as e:  # noqa: BLE001 (handed to every caller of this batch)
+                    for _, f in take:
+                        if not f.done():
+                            f.set_exception(e)
+                    continue
+                for (_, f), out in zip(take, outs, strict=True):
+                    if not f.done():
+                        f.set_result(out)
+        finally:
+            self.running = False
+
+
 class TextGenerator:
     """A causal LM replica: batched generation, streaming, and LoRA adapters by model id."""
 
@@ -179,6 +233,7 @@ class TextGenerator:
         self.generate_batch.set_max_batch_size(self.spec.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self.batches: list[tuple[int, float]] = []  # recent batches: (size, seconds in generate)
+        self.coalescer = _Coalescer(self._run_batch, self.spec.max_batch_size)
         torch.set_grad_enabled(False)
 
     def check_health(self) -> None:
@@ -277,8 +332,8 @@ class TextGenerator:
             results.append(res)
         return results
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _run_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Encode, group by sampling parameters, generate (worker thread)."""
         t0 = time.perf_counter()
         results: list[Any] = [None] * len(reqs)
         groups: dict[tuple, list[int]] = {}
@@ -293,11 +348,15 @@ class TextGenerator:
             key = (r["temperature"], r["top_p"], r["repetition_penalty"], r.get("seed"))
             groups.setdefault(key, []).append(i)
         for idx in groups.values():
-            outs = await asyncio.to_thread(self._generate, [reqs[i] for i in idx], [encoded[i] for i in idx])
+            outs = self._generate([reqs[i] for i in idx], [encoded[i] for i in idx])
             for i, o in zip(idx, outs, strict=True):
                 results[i] = o
         self.batches = (self.batches + [(len(reqs), time.perf_counter() - t0)])[-1000:]
         return results
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_BATCHES_IN_FLIGHT)
+    async def generate_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self.coalescer.submit(reqs)
 
     def _defaults(self, req: dict[str, Any]) -> dict[str, Any]:
         return {**req, "max_tokens": req.get("max_tokens") or min(128, self.spec.max_tokens_limit)}
@@ -386,15 +445,16 @@ class EntityExtractor:
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.extract_batch.set_max_batch_size(self.spec.max_batch_size)
         self.extract_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self.coalescer = _Coalescer(self._extract, self.spec.max_batch_size)
         torch.set_grad_enabled(False)
 
     def check_health(self) -> None:
         if self.model is None:
             raise RuntimeError("model not loaded")
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_BATCHES_IN_FLIGHT)
     async def extract_batch(self, texts: list[str]) -> list[list[dict[str, Any]]]:
-        return await asyncio.to_thread(self._extract, texts)
+        return await self.coalescer.submit(texts)
 
     def _extract(self, texts: list[str]) -> list[list[dict[str, Any]]]:
         import torch

@@ -34,6 +34,16 @@ def start_local_ray():
     return ray
 
 
+def forget_ray_address(port: int) -> None:
+    """A stopped `ray start` head leaves its address in Ray's address file, where a later plain
+    ray.init() would look for it: remove it when it names that head."""
+    from ray._private.utils import get_ray_address_file
+
+    f = Path(get_ray_address_file(None))
+    if f.exists() and f.read_text().strip().endswith(f":{port}"):
+        f.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

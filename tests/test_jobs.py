@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, forget_ray_address
 
 
 def free_port() -> int:
@@ -63,6 +63,7 @@ def ray_head(tmp_path):
         proc.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    forget_ray_address(gcs)
     log.close()
 
 

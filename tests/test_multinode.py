@@ -18,7 +18,7 @@ import pytest
 from orchestrator.config import validate_config
 from orchestrator.train import PLACEMENT_GROUP_FILE, run_training
 
-from .conftest import PDF, start_local_ray
+from .conftest import PDF, forget_ray_address, start_local_ray
 from .test_jobs import free_port
 
 
@@ -70,6 +70,7 @@ class LocalCluster:
                 p.wait(45)
             except subprocess.TimeoutExpired:
                 self.kill(p)
+        forget_ray_address(self.port)
 
 
 def alive_nodes(ray) -> list[dict]:
