@@ -30,7 +30,8 @@ class LocalCluster:
         self.log_dir = log_dir
         self.nodes: list[subprocess.Popen] = []
         # A cluster without token auth: this process's Ray client runs with auth disabled.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        # ... and no 30 s node drain when the head is stopped at the end
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         self.env.pop("RAY_ADDRESS", None)
         self.ray = str(Path(sys.executable).parent / "ray")
         self.head = self._start(["--head", f"--port={self.port}", "--include-dashboard=false"])
@@ -61,7 +62,7 @@ class LocalCluster:
             pass
 
     def shutdown(self) -> None:
-        """Worker nodes killed outright (draining them costs half a minute), then the head stopped."""
+        """Worker nodes killed outright, then the head stopped."""
         for p in self.nodes[1:]:
             self.kill(p)
         self.kill(self.head, signal.SIGTERM)
