@@ -182,6 +182,7 @@ class _Coalescer:
         self.fn, self.max_size = fn, max_size
         self.pending: list[tuple[Any, asyncio.Future]] = []
         self.running = False
+        self.task: asyncio.Task | None = None  # held: the loop keeps only a weak reference to tasks
 
     async def submit(self, items: list[Any]) -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -189,7 +190,7 @@ class _Coalescer:
         self.pending += list(zip(items, futures, strict=True))
         if not self.running:
             self.running = True
-            loop.create_task(self._drain())
+            self.task = loop.create_task(self._drain())
         return list(await asyncio.gather(*futures))
 
     async def _drain(self) -> None:
