@@ -149,7 +149,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1, description="Report step metrics to Ray Train every N steps. Each report is a "
                            "synchronisation point of all workers; every step's metrics are kept in the checkpoint "
                            "history and metrics.json regardless.")
-    strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
+    strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "ddp", description="How workers share a step: DDP, or DeepSpeed ZeRO-2/3 (optimizer state and gradients, "
+        "plus parameters for ZeRO-3, partitioned across workers). DeepSpeed also runs on CPU workers (gloo).")
     max_failures: int = Field(2, ge=0)
 
 
@@ -251,8 +253,14 @@ class RunConfig(_Strict):
             raise ValueError(f"data.format={fmt} does not fit model.task=causal_lm (use pdf or qa_jsonl)")
         if task == "token_classification" and fmt not in ("conll", "ner_json"):
             raise ValueError(f"data.format={fmt} does not fit model.task=token_classification (use conll or ner_json)")
-        if self.train.strategy.startswith("deepspeed") and not self.scaling.use_gpu:
-            raise ValueError("train.strategy=deepspeed_* needs scaling.use_gpu=true")
+        if self.train.strategy.startswith("deepspeed") and self.train.precision == "fp16":
+            raise ValueError("train.strategy=deepspeed_* runs with train.precision=bf16 or fp32 (fp16 loss scaling "
+                             "is DDP-only here)")
+        q = self.quantization
+        if self.train.strategy == "deepspeed_zero3" and q.bits == 4 and q.quant_storage != q.compute_dtype:
+            raise ValueError(f"train.strategy=deepspeed_zero3 with a 4-bit base needs quantization.quant_storage "
+                             f"equal to quantization.compute_dtype ({q.compute_dtype}), not {q.quant_storage}: "
+                             "ZeRO-3 partitions the packed weights as tensors of that dtype")
         if self.train.precision == "bf16" and self.quantization.compute_dtype == "float16":
             raise ValueError("train.precision=bf16 with quantization.compute_dtype=float16 mixes dtypes; pick one")
         for key in self.tune.search_space:

@@ -35,6 +35,12 @@ from orchestrator.config import ConfigError, RunConfig, load_config
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+
+
+def optimizer_file(rank: int) -> str:
+    """Under ZeRO each rank checkpoints its own optimizer partition."""
+    return f"optimizer-rank{rank}.pt"
+
 FAULT_ENV = "ORCHESTRATOR_FAULT"  # "step=K,rank=R,mode=raise|exit": fail once, for resume tests
 
 
@@ -152,6 +158,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     from orchestrator.data import load_tokenizer
     from orchestrator.model import load_for_training, param_counts
+    from orchestrator.strategy import make_strategy
     from orchestrator.tasks import EvalAccumulator, count_real_tokens, make_task
 
     cfg = RunConfig.model_validate(loop["run"])
@@ -168,38 +175,40 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     if rank == 0:
         trainable, total = param_counts(model)
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False,
-                                              parallel_strategy_kwargs={"find_unused_parameters": False})
-    core = model.module if hasattr(model, "module") else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
-    plan = Plan.make(cfg, loop["rows_per_rank"])
-    scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
-    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" and device.type == "cuda" else None
-    task = make_task(cfg.model.task, tokenizer.pad_token_id, cfg.data.packing, labels)
-
-    step, epoch, micro_done, history = 0, 0, 0, []
+    step, epoch, micro_done, history, state = 0, 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint:  # adapter weights go in before DDP/DeepSpeed wraps (ZeRO-3 partitions them)
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, weights_only=False)
-            set_peft_model_state_dict(core, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-            step, epoch, micro_done, history = state["step"], state["epoch"], state["micro_done"], state["history"]
+            set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
+            if (Path(d) / optimizer_file(rank)).exists():  # ZeRO: each rank's own partition
+                state["optimizer"] = torch.load(Path(d) / optimizer_file(rank), weights_only=False)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    plan = Plan.make(cfg, loop["rows_per_rank"])
+    scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
+    strategy = make_strategy(cfg, model, optimizer, world, device)
+    core = strategy.core
+    task = make_task(cfg.model.task, tokenizer.pad_token_id, cfg.data.packing, labels)
+    if state:
+        strategy.load_optimizer_state(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        step, epoch, micro_done, history = state["step"], state["epoch"], state["micro_done"], state["history"]
         if rank == 0:
             print(f"resumed at step {step} (epoch {epoch}, {micro_done} micro-batches into it)")
 
     def evaluate() -> dict[str, float]:
         core.eval()
         acc = EvalAccumulator()
-        shard = my_shard("validation")
+        shard, n, batch = my_shard("validation"), 0, None
         with torch.no_grad(), autocast(cfg, device):
             for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=task.collate,
                                                   device=device):
                 task.accumulate(acc, batch, core(**task.forward_inputs(batch)))
+                n += 1
+            if strategy.lockstep_forward:  # ZeRO-3: a forward is collective; a shorter shard repeats, unrecorded
+                for _ in range(loop["val_batches_max"] - n):
+                    core(**task.forward_inputs(batch))
         core.train()
         parts = [None] * world
         if world > 1:
@@ -211,19 +220,24 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     def save_and_report(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0:
-                core.save_pretrained(Path(tmp) / "adapter")
-                portable_adapter_config(Path(tmp) / "adapter", cfg.model.name_or_path)
-                tokenizer.save_pretrained(Path(tmp) / "adapter")
-                if labels:
-                    (Path(tmp) / "adapter" / "labels.json").write_text(json.dumps(labels))
+            with strategy.full_weights():
+                if rank == 0:
+                    core.save_pretrained(Path(tmp) / "adapter")
+                    portable_adapter_config(Path(tmp) / "adapter", cfg.model.name_or_path)
+                    tokenizer.save_pretrained(Path(tmp) / "adapter")
+                    if labels:
+                        (Path(tmp) / "adapter" / "labels.json").write_text(json.dumps(labels))
             rngs = [None] * world
             if world > 1:
                 dist.all_gather_object(rngs, rng_state())
             else:
                 rngs = [rng_state()]
+            if strategy.per_rank_optimizer_state:  # every rank's files merge into one checkpoint directory
+                torch.save(strategy.optimizer_state(), Path(tmp) / optimizer_file(rank))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
             if rank == 0:
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+                shared = None if strategy.per_rank_optimizer_state else strategy.optimizer_state()
+                torch.save({"optimizer": shared, "scheduler": scheduler.state_dict(), "rng": rngs,
                             "step": step, "epoch": epoch, "micro_done": micro_done, "history": history},
                            Path(tmp) / STATE_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -248,24 +262,15 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 t_wait = time.perf_counter()
                 batch = next(batches)  # time blocked here is time the device waits for the data stream
                 wait_window += time.perf_counter() - t_wait
-                sync = k == n_micro - 1 or world == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg, device):
-                    out = model(**task.forward_inputs(batch))
+                with strategy.accumulating(last=k == n_micro - 1), autocast(cfg, device):
+                    out = strategy.model(**task.forward_inputs(batch))
                     loss = out.loss / n_micro
-                (scaler.scale(loss) if scaler else loss).backward()
+                strategy.backward(loss)
                 loss_sum += float(loss)
                 tok_window += count_real_tokens(batch)
             micro_done += n_micro
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            grad_norm = strategy.step()  # clip, optimizer step, zero grads
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             maybe_fail(loop.get("fault"), step, rank, run_dir)
             step_loss = torch.tensor(loss_sum, dtype=torch.float64, device=device)
@@ -276,7 +281,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             tokens_total = tok_window * world
             metrics = {"step": step, "epoch": epoch + micro_done / plan.micro_per_epoch,
                        "loss": float(step_loss), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "tokens_per_s": tokens_total / max(now - t_window, 1e-9),
+                       "grad_norm": grad_norm, "tokens_per_s": tokens_total / max(now - t_window, 1e-9),
                        "real_tokens": tokens_total, "step_time_s": now - t_window, "data_wait_s": wait_window, "timestamp": time.time(),
                        "peak_memory_mb": peak_memory_mb(device)}
             if device.type == "cuda":
@@ -306,7 +311,12 @@ def deterministic_shards(datasets: dict[str, Any], world: int) -> dict[str, Any]
     workers take the CPUs, also keeps Ray Data's split tasks from waiting on resources."""
     out = {}
     for name, ds in datasets.items():
-        for i, part in enumerate(ds.split(world, equal=(name == "train"))):
+        if name == "train":  # equal shards: every rank runs the same number of steps
+            parts = ds.split(world, equal=True)
+        else:  # every row kept, shard sizes within one row of each other
+            n = ds.count()
+            parts = ds.split_at_indices([n * i // world for i in range(1, world)])
+        for i, part in enumerate(parts):
             out[f"{name}@{i}"] = part
     return out
 
@@ -355,9 +365,6 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
     from orchestrator.report import write_run_outputs
 
     s = cfg.scaling
-    if cfg.train.strategy != "ddp":
-        raise ConfigError(f"train.strategy={cfg.train.strategy}: DeepSpeed ZeRO is not wired into the training "
-                          "loop yet; use train.strategy=ddp")
     if s.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
         if gpus < s.num_workers * s.gpus_per_worker:
@@ -381,14 +388,20 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
+    shards = deterministic_shards({"train": train_ds, "validation": val_ds.materialize()}, s.num_workers)
+    val_rows = [shards[f"validation@{r}"].count() for r in range(s.num_workers)]
+    if cfg.train.strategy == "deepspeed_zero3" and min(val_rows) == 0:
+        raise ConfigError(f"data: {sum(val_rows)} validation rows leave a ZeRO-3 worker without any (each of the "
+                          f"{s.num_workers} workers needs at least one)")
     loop = {"run": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "labels": prepared.labels,
-            "rows_per_rank": rows_per_rank, "fault": os.environ.get(FAULT_ENV)}
+            "rows_per_rank": rows_per_rank, "fault": os.environ.get(FAULT_ENV),
+            "val_batches_max": max(math.ceil(n / cfg.train.micro_batch_size) for n in val_rows)}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        datasets=deterministic_shards({"train": train_ds, "validation": val_ds.materialize()}, s.num_workers),
+        datasets=shards,
         dataset_config=shard_config(),
         run_config=RayRunConfig(
             name="train", storage_path=str(run_dir), callbacks=callbacks,
