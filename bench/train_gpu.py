@@ -21,8 +21,9 @@ FLOP/s + attention (12 * layers * hidden * seq per token), N_active counting eve
 the forward and backward pass (the frozen 4-bit weights take part in both); per GPU for multi-GPU runs.
 Also per project variant: the share of step time a worker was blocked on the Ray Data stream
 (``data_wait_fraction``) and the GPUs' busy fraction (``nvidia-smi`` utilization over the measured steps).
-``VARIANT@N`` runs a project variant on N GPU workers (DDP); with the 1-GPU variant in the same run it
-reports scaling efficiency = throughput(N) / (N * throughput(1)). Writes
+``VARIANT@N`` runs a project variant on N GPU workers (DDP, or DeepSpeed ZeRO-2/3 for ``project-zero2``/
+``project-zero3``); with the 1-GPU variant (or ``project``) in the same run it reports scaling efficiency =
+throughput(N) / (N * throughput(1)). Writes
 bench/results/train_gpu_<mix>[_TAG].json.
 """
 
@@ -54,6 +55,12 @@ VARIANTS = {
     "project-nockpt": {"train.micro_batch_size": 4, "train.gradient_checkpointing": False},
     "project-mb2-nockpt": {"train.micro_batch_size": 2, "train.gradient_checkpointing": False},
     "project-mb1": {"train.micro_batch_size": 1, "train.gradient_checkpointing": True},
+    # DeepSpeed ZeRO instead of DDP (same loop, same micro-batch); ZeRO-3 partitions the packed 4-bit weights,
+    # which needs them stored in the compute dtype
+    "project-zero2": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True,
+                      "train.strategy": "deepspeed_zero2"},
+    "project-zero3": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True,
+                      "train.strategy": "deepspeed_zero3", "quantization.quant_storage": "bfloat16"},
 }
 
 
@@ -255,21 +262,29 @@ def main() -> None:
                              {"name": f"bench-{args.mix}-{v.replace('@', '-x')}", **VARIANTS[name],
                               "scaling.num_workers": int(workers or 1)})
             prepared = prepared or prepare_data(cfg)
-            r = run_project(cfg, prepared, sampler)
+            try:
+                r = run_project(cfg, prepared, sampler)
+            except Exception as e:  # record it and go on with the other variants
+                r = {"error": f"{type(e).__name__}: {str(e)[-2000:]}"}
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         results[v] = r
         print(json.dumps({v: r}), flush=True)
     sampler.stop()
     n_params = 6.74e9 if cfg_json["hidden_size"] == 4096 else None
     for v, r in results.items():
+        if "error" in r:
+            continue
         seq = r.get("padded_to") or r.get("max_seq_length")
         per_gpu = r.get("median_tokens_per_s_per_gpu", r["median_tokens_per_s"])
         r["mfu"] = mfu(per_gpu, cfg_json, n_params, gpu, seq) if n_params else None
         if "baseline" in results:
             r["tokens_per_s_vs_baseline"] = round(per_gpu / results["baseline"]["median_tokens_per_s"], 3)
-        one = results.get(v.partition("@")[0])
-        if "@" in v and one:  # scaling efficiency = throughput(n) / (n * throughput(1)), same run, same host
+        # scaling efficiency = throughput(n) / (n * throughput(1)), same run, same host; throughput(1): the same
+        # variant on one GPU if it ran, else the project's 1-GPU run (DDP on one GPU is no wrapper at all)
+        one = results.get(v.partition("@")[0]) or results.get("project")
+        if "@" in v and one and "error" not in one:
             r["scaling_efficiency"] = round(per_gpu / one["median_tokens_per_s_per_gpu"], 3)
+            r["scaling_reference"] = v.partition("@")[0] if v.partition("@")[0] in results else "project"
     out = {"command": "python bench/train_gpu.py " + " ".join(sys.argv[1:]), "device": gpu,
            "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),

@@ -130,6 +130,9 @@ class DeepSpeedStrategy(DDPStrategy):
             return contextlib.nullcontext()
         import deepspeed
 
+        # An eval pass leaves weights that ZeRO-3 prefetched on the way (its trace is the training step's)
+        # in flight; let them land and re-partition before gathering.
+        self.engine.empty_partition_cache()
         return deepspeed.zero.GatheredParameters(self.params, modifier_rank=None)
 
 
@@ -137,12 +140,14 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict[str, Any]:
     """The DeepSpeed config for a run: ZeRO stage from ``train.strategy``, batch sizes and clipping from
     ``train``; the client (paged) optimizer is kept, which ZeRO calls untested but supports."""
     t = cfg.train
-    zero: dict[str, Any] = {"stage": 3 if t.strategy == "deepspeed_zero3" else 2,
-                            "overlap_comm": True, "contiguous_gradients": True}
+    # Buckets sized for LoRA: DeepSpeed's defaults (5e8 elements) are made for full fine-tuning and would
+    # allocate GBs of fp32 bucket buffers for ~40M trainable parameters (measured: +3.5 GB on a 7B model).
+    zero: dict[str, Any] = {"stage": 3 if t.strategy == "deepspeed_zero3" else 2, "overlap_comm": True,
+                            "contiguous_gradients": True, "reduce_bucket_size": 2e7, "allgather_bucket_size": 2e7}
     if zero["stage"] == 3:
-        # Keep every weight partitioned between uses; LoRA models are small per layer, so prefetching the
-        # next layers' (packed 4-bit) weights is what hides the all-gathers.
-        zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
+        # Weights above the persistence threshold (the packed 4-bit base matrices) stay partitioned between
+        # uses and are prefetched ahead of the layer that needs them; small ones (LoRA A/B, norms) persist.
+        zero.update({"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5})
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,

@@ -311,7 +311,9 @@ def deterministic_shards(datasets: dict[str, Any], world: int) -> dict[str, Any]
     workers take the CPUs, also keeps Ray Data's split tasks from waiting on resources."""
     out = {}
     for name, ds in datasets.items():
-        if name == "train":  # equal shards: every rank runs the same number of steps
+        if world == 1:
+            parts = [ds]
+        elif name == "train":  # equal shards: every rank runs the same number of steps
             parts = ds.split(world, equal=True)
         else:  # every row kept, shard sizes within one row of each other
             n = ds.count()
