@@ -55,6 +55,9 @@ VARIANTS = {
     "project-nockpt": {"train.micro_batch_size": 4, "train.gradient_checkpointing": False},
     "project-mb2-nockpt": {"train.micro_batch_size": 2, "train.gradient_checkpointing": False},
     "project-mb1": {"train.micro_batch_size": 1, "train.gradient_checkpointing": True},
+    # the training loss over labelled tokens only, 1,024 at a time through the LM head (orchestrator/loss.py)
+    "project-chunked": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True,
+                        "train.loss_chunk_tokens": 1024},
     # DeepSpeed ZeRO instead of DDP (same loop, same micro-batch); ZeRO-3 partitions the packed 4-bit weights,
     # which needs them stored in the compute dtype
     "project-zero2": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True,

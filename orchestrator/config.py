@@ -141,6 +141,10 @@ class TrainConfig(_Strict):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = True
     max_grad_norm: float | None = Field(1.0, gt=0)
+    loss_chunk_tokens: int | None = Field(
+        None, ge=1, description="Causal LM: compute the training loss over labelled tokens only, this many at a "
+        "time through the LM head, without keeping the full tokens x vocab logits (less peak memory); "
+        "unset: the model's own loss.")
     seed: int = 42
     eval_every: int = Field(50, ge=1, description="Validate and checkpoint every N optimizer steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1)

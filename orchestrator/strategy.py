@@ -33,13 +33,13 @@ class DDPStrategy:
     lockstep_forward = False  # True where every forward pass is a collective (ZeRO-3's parameter all-gathers)
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int,
-                 device: torch.device):
+                 device: torch.device, forward_module: torch.nn.Module | None = None):
         import ray.train.torch
 
         self.cfg, self.core, self.optimizer, self.world = cfg, model, optimizer, world
-        self.model = model
+        self.model = forward_module or model
         if world > 1:
-            self.model = ray.train.torch.prepare_model(model, move_to_device=False,
+            self.model = ray.train.torch.prepare_model(self.model, move_to_device=False,
                                                        parallel_strategy_kwargs={"find_unused_parameters": False})
         self.params = [p for p in model.parameters() if p.requires_grad]
         fp16 = cfg.train.precision == "fp16" and device.type == "cuda"
@@ -86,7 +86,7 @@ class DeepSpeedStrategy(DDPStrategy):
     per_rank_optimizer_state = True
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int,
-                 device: torch.device):
+                 device: torch.device, forward_module: torch.nn.Module | None = None):
         import deepspeed
 
         if device.type == "cpu":
@@ -100,7 +100,7 @@ class DeepSpeedStrategy(DDPStrategy):
         self.lockstep_forward = self.stage == 3
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, world), dist_init_required=False)
+            model=forward_module or model, optimizer=optimizer, config=deepspeed_config(cfg, world), dist_init_required=False)
         self.model = self.engine
         self.scaler = None
 
@@ -162,6 +162,8 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict[str, Any]:
 
 
 def make_strategy(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int,
-                  device: torch.device) -> DDPStrategy:
+                  device: torch.device, forward_module: torch.nn.Module | None = None) -> DDPStrategy:
+    """``model`` is what is saved and evaluated; ``forward_module`` (default: the model) what training
+    forwards go through, e.g. the chunked-loss wrapper of :mod:`orchestrator.loss`."""
     cls = DDPStrategy if cfg.train.strategy == "ddp" else DeepSpeedStrategy
-    return cls(cfg, model, optimizer, world, device)
+    return cls(cfg, model, optimizer, world, device, forward_module)

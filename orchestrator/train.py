@@ -157,6 +157,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
     from orchestrator.data import load_tokenizer
+    from orchestrator.loss import training_module
     from orchestrator.model import load_for_training, param_counts
     from orchestrator.strategy import make_strategy
     from orchestrator.tasks import EvalAccumulator, count_real_tokens, make_task
@@ -186,7 +187,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     plan = Plan.make(cfg, loop["rows_per_rank"])
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
-    strategy = make_strategy(cfg, model, optimizer, world, device)
+    strategy = make_strategy(cfg, model, optimizer, world, device,
+                             forward_module=training_module(model, cfg.model.task, t.loss_chunk_tokens))
     core = strategy.core
     task = make_task(cfg.model.task, tokenizer.pad_token_id, cfg.data.packing, labels)
     if state:

@@ -63,3 +63,41 @@ def test_pad_batch_pads_to_longest_and_masks():
     assert out["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_model_dir):
+    """train.loss_chunk_tokens: the wrapper's loss and LoRA gradients match transformers' own loss on a
+    4-bit + LoRA model, with packed rows (position_ids restart) and prompt tokens masked."""
+    from orchestrator.config import validate_config
+    from orchestrator.loss import ChunkedLossCausalLM, training_module
+    from orchestrator.model import load_for_training
+
+    cfg = validate_config({"name": "x", "model": {"name_or_path": str(tiny_model_dir), "task": "causal_lm"},
+                           "quantization": {"bits": 4, "compute_dtype": "float32"}, "lora": {"r": 4, "dropout": 0.0},
+                           "data": {"format": "pdf", "train": ["a.pdf"]}, "train": {"loss_chunk_tokens": 7}})
+    model = load_for_training(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():  # LoRA B starts at zero: give it values so gradients differ per path
+        if "lora_B" in n:
+            p.data.normal_(0, 0.02)
+    ids = torch.randint(5, 500, (2, 40))
+    labels = ids.clone()
+    labels[:, :9] = -100  # a prompt
+    labels[1, 20:26] = -100  # a second packed example's prompt
+    pos = torch.cat([torch.arange(20), torch.arange(20)]).repeat(2, 1)
+    wrapped = training_module(model, "causal_lm", cfg.train.loss_chunk_tokens)
+    assert isinstance(wrapped, ChunkedLossCausalLM)
+    assert {id(p) for p in wrapped.parameters()} == {id(p) for p in model.parameters()}
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = grads(lambda: model(input_ids=ids, labels=labels, position_ids=pos, use_cache=False).loss)
+    loss, got = grads(lambda: wrapped(input_ids=ids, labels=labels, position_ids=pos).loss)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
+    assert ref.keys() == got.keys() and ref
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-7), n
