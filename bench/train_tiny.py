@@ -1,10 +1,11 @@
 """Quality and time of the CPU tiny configs (issue targets: NER entity F1 >= 0.85 on BC5CDR test;
 constitution QA training loss falls by >= 50% and the model reproduces trained answers).
 
-    python bench/train_tiny.py ner|qa [--set FIELD=VALUE ...]
+    python bench/train_tiny.py ner|qa [--set FIELD=VALUE ...] [--tag TAG]
 
-Trains with the shipped tiny config (2 Ray Train CPU workers), evaluates, and writes
-bench/results/train_<config>.json with the command, config, device, timings and metrics.
+Trains with the shipped tiny config (2 Ray Train CPU workers; ``--set scaling.use_gpu=true`` for GPU
+workers), evaluates, and writes bench/results/train_<config>[-TAG].json with the command, config, device,
+timings and metrics.
 """
 
 from __future__ import annotations
@@ -23,15 +24,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def device_name(use_gpu: bool) -> str:
+    """What the run trained on: the GPU's name for GPU workers, else the host's CPU."""
+    host = f"{platform.machine()}, {os.cpu_count()} cores"
+    if use_gpu:
+        import torch
+
+        return f"{torch.cuda.get_device_name(0)} (1 Ray Train GPU worker per GPU), host {host}"
+    return f"{host}, CPU only"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("which", choices=["ner", "qa"])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--tag", default="", help="suffix of the result file: train_<config>-<tag>.json")
     args = ap.parse_args()
     os.chdir(ROOT)
 
-    from orchestrator.config import dump_config, load_config
+    from orchestrator.config import load_config
     from orchestrator.evaluate import evaluate_ner, evaluate_qa
     from orchestrator.runtime import init_ray
     from orchestrator.train import run_training
@@ -62,8 +74,9 @@ def main() -> None:
     first, last = res.history[0]["loss"], res.history[-1]["loss"]
     out = {
         "command": "python bench/train_tiny.py " + " ".join(sys.argv[1:]),
-        "device": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "device": device_name(cfg.scaling.use_gpu),
+        "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
         "seconds": {"prepare": round(t_prep, 1), "train": round(t_train, 1), "eval": round(t_eval, 1)},
         "steps": res.history[-1]["step"], "first_loss": first, "final_loss": last,
@@ -71,12 +84,11 @@ def main() -> None:
                                                              if k.startswith(("val", "entity", "token", "perp"))},
         "eval": ev,
     }
-    path = ROOT / f"bench/results/train_{name}.json"
+    path = ROOT / f"bench/results/train_{name}{'-' + args.tag if args.tag else ''}.json"
     # Record paths relative to the checkout, so results do not depend on where it lives.
     path.write_text(json.dumps(out, indent=2).replace(f"{ROOT}/", "") + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "config"}, indent=2)[:4000])
     print(f"wrote {path}")
-    del dump_config
 
 
 if __name__ == "__main__":

@@ -91,8 +91,11 @@ def evaluate_qa(cfg: RunConfig, adapter: Path, pairs: list[dict], limit: int | N
     pairs = pairs[:limit] if limit else pairs
     model, device = load_adapter_model(cfg, adapter)
     tok = load_tokenizer(str(adapter))
-    preds = generate_answers(model, tok, cfg, [p["question"] for p in pairs], device)
     refs = [p["answer"] for p in pairs]
+    # Room for the longest reference (so exact match is possible), within the training row length.
+    longest = max((len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs), default=0)
+    budget = max(16, min(longest + 8, cfg.data.max_seq_length))
+    preds = generate_answers(model, tok, cfg, [p["question"] for p in pairs], device, max_new_tokens=budget)
     n = max(1, len(pairs))
     return {
         "examples": len(pairs),

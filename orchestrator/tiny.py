@@ -89,11 +89,15 @@ def build_tiny_llama(out_dir: str | Path, texts: list[str], vocab_size: int = 40
 def pretrain(model, tokenizer, texts: list[str], steps: int, seq_len: int = 256, batch_size: int = 8,
              lr: float = 3e-3, seed: int = 0) -> list[float]:
     """Plain full-parameter next-token pre-training on the concatenated texts (random 256-token windows),
-    AdamW with linear warm-up and cosine decay. Returns the per-step losses."""
+    AdamW with linear warm-up and cosine decay, on the GPU when there is one (the model goes back to
+    the CPU afterwards). Returns the per-step losses."""
     import math
 
     import torch
     from tqdm.auto import tqdm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
 
     ids = []
     for t in texts:
@@ -112,7 +116,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seq_len: int = 256,
     bar = tqdm(range(steps), desc="pre-training tiny base", mininterval=5)
     for _ in bar:
         starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=gen)
-        batch = torch.stack([stream[s: s + seq_len] for s in starts.tolist()])
+        batch = torch.stack([stream[s: s + seq_len] for s in starts.tolist()]).to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -121,7 +125,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seq_len: int = 256,
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
+    model.eval().to("cpu")
     log.info("pre-trained the tiny base for %d steps on %d tokens: loss %.3f -> %.3f",
              steps, len(stream), losses[0], sum(losses[-10:]) / len(losses[-10:]))
     return losses
