@@ -24,13 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def device_name(use_gpu: bool) -> str:
+def device_name(use_gpu: bool, workers: int) -> str:
     """What the run trained on: the GPU's name for GPU workers, else the host's CPU."""
     host = f"{platform.machine()}, {os.cpu_count()} cores"
     if use_gpu:
         import torch
 
-        return f"{torch.cuda.get_device_name(0)} (1 Ray Train GPU worker per GPU), host {host}"
+        return f"{torch.cuda.get_device_name(0)} ({workers} Ray Train GPU worker(s)), host {host}"
     return f"{host}, CPU only"
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     first, last = res.history[0]["loss"], res.history[-1]["loss"]
     out = {
         "command": "python bench/train_tiny.py " + " ".join(sys.argv[1:]),
-        "device": device_name(cfg.scaling.use_gpu),
+        "device": device_name(cfg.scaling.use_gpu, cfg.scaling.num_workers),
         "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
