@@ -35,13 +35,12 @@ from orchestrator.config import ConfigError, RunConfig, load_config
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+FAULT_ENV = "ORCHESTRATOR_FAULT"  # "step=K,rank=R,mode=raise|exit": fail once, for resume tests
 
 
 def optimizer_file(rank: int) -> str:
     """Under ZeRO each rank checkpoints its own optimizer partition."""
     return f"optimizer-rank{rank}.pt"
-
-FAULT_ENV = "ORCHESTRATOR_FAULT"  # "step=K,rank=R,mode=raise|exit": fail once, for resume tests
 
 
 # ---------------------------------------------------------------- pieces used by the loop
@@ -357,6 +356,24 @@ class TrainResult:
     best_checkpoint: str | None
 
 
+def check_resumable(ray_dir: Path, cfg: RunConfig) -> None:
+    """A ZeRO checkpoint holds one optimizer partition per rank, so it resumes only under ZeRO with the number
+    of workers that wrote it; a DDP checkpoint holds the whole optimizer and resumes on any number, not under ZeRO."""
+    checkpoints = sorted(ray_dir.glob("checkpoint_*"))  # Ray Train names them by time
+    if not checkpoints:
+        return
+    last = checkpoints[-1]
+    parts = len(list(last.glob("optimizer-rank*.pt")))
+    zero = cfg.train.strategy != "ddp"
+    if parts and (not zero or parts != cfg.scaling.num_workers):
+        raise ConfigError(f"--resume: {last} holds the DeepSpeed ZeRO optimizer partitions of {parts} workers; "
+                          f"resume with the train.strategy that wrote it and scaling.num_workers={parts} "
+                          f"(this run: {cfg.train.strategy}, {cfg.scaling.num_workers} workers)")
+    if zero and not parts:
+        raise ConfigError(f"--resume: {last} was written with train.strategy=ddp (one whole optimizer state); "
+                          f"resume it with train.strategy=ddp, not {cfg.train.strategy}")
+
+
 def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks: list | None = None) -> TrainResult:
     """Fit with Ray Train and write the final adapter, metrics JSON and run report into the run dir."""
     import ray
@@ -382,6 +399,8 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
                           f"or choose another name (--set name=...)")
     if resume and not ray_dir.exists():
         raise ConfigError(f"--resume: {run_dir} holds no run to resume")
+    if resume:
+        check_resumable(ray_dir, cfg)
     prepared = prepared or prepare_data(cfg)
     train_ds = prepared.datasets["train"].materialize()
     val_ds = prepared.datasets.get("validation") or prepared.datasets.get("test")

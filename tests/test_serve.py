@@ -281,3 +281,40 @@ def test_serve_config_file_is_valid_for_serve_deploy(tiny_model_dir, tmp_path):
     assert schema.applications[0].import_path == "serve.app:build_app"
     assert args["models"][0]["autoscaling"]["max_replicas"] == cfg.serve.autoscaling.max_replicas
     assert build_app(doc["applications"][0]["args"]) is not None
+
+
+def test_coalescer_merges_batches_handed_in_while_the_model_is_busy():
+    """The first batch runs alone; the three that arrive while it runs are merged into calls of at most
+    max_size items; every caller gets its own results, in order; a failing call fails its callers and the next one runs."""
+    import threading
+
+    from serve.app import _Coalescer
+
+    calls: list[list[int]] = []
+    release = threading.Event()
+
+    def fn(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if len(calls) == 1:
+            release.wait(5)  # the model is busy with the first batch while the others arrive
+        if -1 in items:
+            raise ValueError("bad item")
+        return [x * 10 for x in items]
+
+    async def main():
+        co = _Coalescer(fn, max_size=5)
+        first = asyncio.create_task(co.submit([1, 2]))
+        await asyncio.sleep(0.05)
+        later = [asyncio.create_task(co.submit(b)) for b in ([3], [4, 5], [6, 7, 8])]
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await asyncio.gather(first, *later)
+        # handed in together, so merged into one call: its error reaches both callers; the next call works
+        failed = await asyncio.gather(co.submit([-1]), co.submit([9]), return_exceptions=True)
+        assert [type(e) for e in failed] == [ValueError, ValueError]
+        return results, await co.submit([9]), co.running
+
+    results, ok, running = asyncio.run(main())
+    assert results == [[10, 20], [30], [40, 50], [60, 70, 80]]
+    assert calls[:3] == [[1, 2], [3, 4, 5, 6, 7], [8]]  # merged up to max_size, the rest in the next call
+    assert ok == [90] and not running

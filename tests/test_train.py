@@ -181,3 +181,20 @@ def test_clear_errors(ray_local, tiny_model_dir, tmp_path):
     gpu.scaling.use_gpu = True
     with pytest.raises(ConfigError, match="needs 2 GPUs; this Ray cluster has 0"):
         run_training(gpu)
+    # --resume across strategies or world sizes: ZeRO checkpoints hold one optimizer partition per rank
+    ckpt = tmp_path / "qa/train/checkpoint_2026-01-01_00-00-00.000000"
+    ckpt.mkdir(parents=True)
+    for r in range(2):
+        torch.save({"rank": r}, ckpt / f"optimizer-rank{r}.pt")
+    ddp = qa_cfg(tiny_model_dir, tmp_path)
+    with pytest.raises(ConfigError, match=r"ZeRO optimizer partitions of 2 workers; .*scaling.num_workers=2 "
+                                          r"\(this run: ddp, 2 workers\)"):
+        run_training(ddp, resume=True)
+    zero4 = qa_cfg(tiny_model_dir, tmp_path, strategy="deepspeed_zero2")
+    zero4.scaling.num_workers = 4
+    with pytest.raises(ConfigError, match=r"partitions of 2 workers; .*\(this run: deepspeed_zero2, 4 workers\)"):
+        run_training(zero4, resume=True)
+    for r in range(2):
+        (ckpt / f"optimizer-rank{r}.pt").unlink()
+    with pytest.raises(ConfigError, match="written with train.strategy=ddp .* not deepspeed_zero2"):
+        run_training(qa_cfg(tiny_model_dir, tmp_path, strategy="deepspeed_zero2"), resume=True)
