@@ -38,8 +38,11 @@ STATE_FILE = "trainer_state.pt"
 FAULT_ENV = "ORCHESTRATOR_FAULT"  # "step=K,rank=R,mode=raise|exit": fail once, for resume tests
 
 
+OPTIMIZER_FILES = "optimizer-rank*.pt"
+
+
 def optimizer_file(rank: int) -> str:
-    """Under ZeRO each rank checkpoints its own optimizer partition."""
+    """Under ZeRO each rank checkpoints its own optimizer partition (one of OPTIMIZER_FILES)."""
     return f"optimizer-rank{rank}.pt"
 
 
@@ -363,7 +366,7 @@ def check_resumable(ray_dir: Path, cfg: RunConfig) -> None:
     if not checkpoints:
         return
     last = checkpoints[-1]
-    parts = len(list(last.glob("optimizer-rank*.pt")))
+    parts = len(list(last.glob(OPTIMIZER_FILES)))
     zero = cfg.train.strategy != "ddp"
     if parts and (not zero or parts != cfg.scaling.num_workers):
         raise ConfigError(f"--resume: {last} holds the DeepSpeed ZeRO optimizer partitions of {parts} workers; "
