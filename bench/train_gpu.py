@@ -62,6 +62,8 @@ VARIANTS = {
     # which needs them stored in the compute dtype
     "project-zero2": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True,
                       "train.strategy": "deepspeed_zero2"},
+    "project-chunked-zero2": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True,
+                              "train.loss_chunk_tokens": 1024, "train.strategy": "deepspeed_zero2"},
     "project-zero3": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True,
                       "train.strategy": "deepspeed_zero3", "quantization.quant_storage": "bfloat16"},
 }
@@ -206,7 +208,7 @@ def run_project(cfg, prepared, sampler: GpuSampler | None = None) -> dict:
     n = cfg.scaling.num_workers
     out = summarize([h["step_time_s"] for h in hist], [h["real_tokens"] for h in hist])
     measured = hist[2:]
-    out.update(workers=n, median_tokens_per_s_per_gpu=round(out["median_tokens_per_s"] / n, 1),
+    out.update(workers=n, gpus=n, median_tokens_per_s_per_gpu=round(out["median_tokens_per_s"] / n, 1),
                peak_allocated_mb=round(max(h["peak_memory_mb"] for h in hist)),
                peak_reserved_mb=round(max(h.get("peak_reserved_mb", 0) for h in hist)),
                data_wait_fraction=round(sum(h["data_wait_s"] for h in measured)
@@ -283,11 +285,13 @@ def main() -> None:
         if "baseline" in results:
             r["tokens_per_s_vs_baseline"] = round(per_gpu / results["baseline"]["median_tokens_per_s"], 3)
         # scaling efficiency = throughput(n) / (n * throughput(1)), same run, same host; throughput(1): the same
-        # variant on one GPU if it ran, else the project's 1-GPU run (DDP on one GPU is no wrapper at all)
-        one = results.get(v.partition("@")[0]) or results.get("project")
-        if "@" in v and one and "error" not in one:
-            r["scaling_efficiency"] = round(per_gpu / one["median_tokens_per_s_per_gpu"], 3)
-            r["scaling_reference"] = v.partition("@")[0] if v.partition("@")[0] in results else "project"
+        # variant on one GPU if it ran, else the run's first 1-GPU project variant (DDP on one GPU is no
+        # wrapper at all)
+        single = [k for k in results if k.startswith("project") and "@" not in k and "error" not in results[k]]
+        ref = v.partition("@")[0] if v.partition("@")[0] in single else (single[0] if single else None)
+        if "@" in v and ref:
+            r["scaling_efficiency"] = round(per_gpu / results[ref]["median_tokens_per_s_per_gpu"], 3)
+            r["scaling_reference"] = ref
     out = {"command": "python bench/train_gpu.py " + " ".join(sys.argv[1:]), "device": gpu,
            "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),

@@ -234,6 +234,8 @@ class ServeConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_tokens_limit: int = Field(512, ge=1)
     auth_token_env: str | None = None
+    engine: Literal["continuous", "generate"] = "continuous"
+    cuda_graphs: bool = True
 
 
 class RunConfig(_Strict):

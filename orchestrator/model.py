@@ -94,7 +94,36 @@ def load_for_training(cfg: RunConfig, device: torch.device, labels: list[str] | 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(cfg))
     model.train()
+    if keep_4bit_layout_for_training(model) and device.type == "cpu":
+        log.info("4-bit base on a CPU with AVX512-BF16: bitsandbytes' packed inference layout stays off while "
+                 "training (its kernel has no backward, and ZeRO-3 partitions the weights it would repack)")
     return model
+
+
+def cpu_4bit_packing() -> bool:
+    """Whether bitsandbytes repacks 4-bit weights for this CPU's AVX512-BF16 kernels on inference forwards."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def keep_4bit_layout_for_training(model: torch.nn.Module) -> int:
+    """Switch off bitsandbytes' CPU repacking of 4-bit weights in every layer; returns how many layers had it.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` in eval mode under ``no_grad`` rewrites its weight into a
+    CPU-only [N, K/2] layout and keeps it. In a training run (an eval pass between steps) that is wrong twice:
+    the packed kernel has no backward, so every later step silently drops the gradient through the frozen
+    base; and under ZeRO-3 the weight it repacks, or later unpacks to save, is a partition, not the matrix.
+    Inference-only models (eval, merge, serve) keep the faster packed path.
+    """
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def param_counts(model) -> tuple[int, int]:

@@ -55,6 +55,10 @@ class ModelSpec(BaseModel):
     max_input_length: int = Field(512, ge=8)
     max_ongoing_requests: int = Field(8, ge=1)
     max_queued_requests: int = Field(32, ge=-1)
+    engine: Literal["continuous", "generate"] = Field(
+        "continuous", description="continuous: the decode engine (serve/engine.py; max_batch_size slots); "
+                                  "generate: transformers' generate over dynamic batches")
+    cuda_graphs: bool = Field(True, description="capture the engine's decode step in CUDA graphs on a GPU")
     autoscaling: dict[str, Any] = Field(default_factory=lambda: {"min_replicas": 1, "max_replicas": 1})
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
@@ -89,6 +93,10 @@ class Message(_Req):
     content: str
 
 
+class StreamOptions(_Req):
+    include_usage: bool = False
+
+
 class _Sampling(_Req):
     model: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
@@ -97,6 +105,7 @@ class _Sampling(_Req):
     stop: str | list[str] | None = None
     repetition_penalty: float = Field(1.0, gt=0)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = None
 
     @field_validator("stop")
@@ -236,17 +245,64 @@ class TextGenerator:
         self.batches: list[tuple[int, float]] = []  # recent batches: (size, seconds in generate)
         self.coalescer = _Coalescer(self._run_batch, self.spec.max_batch_size)
         torch.set_grad_enabled(False)
+        self.engine = self._start_engine()
+
+    def _start_engine(self):
+        """The continuous-batching engine for a merged model, or None (adapters, other architectures, or
+        ``engine: generate``), where requests go through ``generate`` in dynamic batches."""
+        from serve.engine import Engine, EngineUnsupported
+
+        if self.spec.engine != "continuous" or self.spec.adapters:
+            return None
+        max_len = min(self.max_positions, self.spec.max_input_length + self.spec.max_tokens_limit)
+        try:
+            return Engine(self.model, self.tokenizer, slots=self.spec.max_batch_size, max_len=max_len,
+                          cuda_graphs=self.spec.cuda_graphs and self.device.type == "cuda")
+        except EngineUnsupported as e:
+            logging.getLogger(__name__).warning("model %s: %s; serving through generate", self.spec.name, e)
+            return None
 
     def check_health(self) -> None:
         if self.model is None:
             raise RuntimeError("model not loaded")
+        if self.engine is not None and not self.engine.thread.is_alive():
+            raise RuntimeError("decode engine stopped")
 
     def batch_sizes(self) -> list[int]:
+        if self.engine is not None:
+            return [n for n, _ in self.engine.steps]
         return [n for n, _ in self.batches]
 
     def batch_log(self) -> list[tuple[int, float]]:
-        """Recent batches as (size, seconds spent generating): for tests and the benchmark."""
-        return list(self.batches)
+        """Recent batches as (size, seconds): generate calls, or the engine's decode steps."""
+        return list(self.engine.steps) if self.engine is not None else list(self.batches)
+
+    async def _engine_events(self, req: dict[str, Any], ids: list[int]):
+        """The engine's events for one request; closing this generator (client gone) frees its slot."""
+        from serve.engine import Sampling
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        params = Sampling(max_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
+                          repetition_penalty=req["repetition_penalty"], seed=req.get("seed"),
+                          stop=list(req.get("stop") or []))
+        seq = self.engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        try:
+            while True:
+                ev = await queue.get()
+                # text that piled up while this consumer was busy goes out as one piece (one stream item)
+                while "text" in ev and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if "text" not in nxt:
+                        yield ev
+                        ev = nxt
+                        break
+                    ev = {"text": ev["text"] + nxt["text"]}
+                yield ev
+                if "finish_reason" in ev:
+                    return
+        finally:
+            seq.cancel()
 
     # -- adapters (multiplexed)
     @serve.multiplexed(max_num_models_per_replica=4)
@@ -373,7 +429,22 @@ class TextGenerator:
             except ClientError as e:
                 return {"error": e.message, "param": e.param, "status": e.status}
             return (await asyncio.to_thread(self._generate, [req], [encoded], model_id))[0]
-        return await self.generate_batch(req)
+        if self.engine is None:
+            return await self.generate_batch(req)
+        try:
+            ids = self._encode(req)
+        except ClientError as e:
+            return {"error": e.message, "param": e.param, "status": e.status}
+        pieces: list[str] = []
+        async for ev in self._engine_events(req, ids):
+            if "text" in ev:
+                pieces.append(ev["text"])
+            elif "error" in ev:
+                return {"error": f"generation failed: {ev['error']}", "param": None, "status": 500}
+            else:
+                return {"text": "".join(pieces), "finish_reason": ev["finish_reason"],
+                        "completion_tokens": ev["completion_tokens"], "prompt_tokens": ev["prompt_tokens"]}
+        return {"error": "generation ended without a result", "param": None, "status": 500}
 
     async def stream(self, req: dict[str, Any]):
         """Yield {"text": piece} as tokens arrive, then {"finish_reason", ...}."""
@@ -387,6 +458,13 @@ class TextGenerator:
             ids = self._encode(req)
         except ClientError as e:
             yield {"error": e.message, "param": e.param, "status": e.status}
+            return
+        if self.engine is not None and not model_id:
+            async for ev in self._engine_events(req, ids):
+                if "error" in ev:
+                    yield {"finish_reason": "error"}
+                    return
+                yield ev
             return
         import torch
 
@@ -426,7 +504,8 @@ class TextGenerator:
         if len(text) > sent:
             yield {"text": text[sent:]}
         n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        yield {"finish_reason": "length" if n >= req["max_tokens"] else "stop"}
+        yield {"finish_reason": "length" if n >= req["max_tokens"] else "stop", "completion_tokens": n,
+               "prompt_tokens": len(ids)}
 
 
 # ---------------------------------------------------------------- entity extraction
@@ -547,10 +626,11 @@ class Gateway:
         if err:
             return err
         name, handle = picked
-        req = body.model_dump(exclude={"model", "stream"})
+        req = body.model_dump(exclude={"model", "stream", "stream_options"})
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return await self._stream(handle, req, rid, name, kind)
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await self._stream(handle, req, rid, name, kind, usage)
         try:
             res = await handle.complete.remote(req)
         except BackPressureError:
@@ -568,7 +648,7 @@ class Gateway:
                 "choices": [{"index": 0, "text": res["text"], "finish_reason": res["finish_reason"],
                              "logprobs": None}], "usage": usage}
 
-    async def _stream(self, handle, req: dict[str, Any], rid: str, name: str, kind: str):
+    async def _stream(self, handle, req: dict[str, Any], rid: str, name: str, kind: str, usage: bool = False):
         gen = handle.options(stream=True).stream.remote(req)
         try:
             first = await gen.__anext__()
@@ -596,8 +676,16 @@ class Gateway:
             if kind == "chat":
                 yield chunk({"text": ""}).replace('"delta": {"content": ""}', '"delta": {"role": "assistant"}')
             yield chunk(first)
+            last = first
             async for item in gen:
                 yield chunk(item)
+                last = item
+            if usage and "completion_tokens" in last:  # OpenAI's stream_options.include_usage: a last chunk
+                counts = {k: last[k] for k in ("prompt_tokens", "completion_tokens")}
+                yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if kind == "chat"
+                                             else "text_completion", "created": created, "model": name,
+                                             "choices": [], "usage": {**counts, "total_tokens": sum(counts.values())}}
+                                            ) + "\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

