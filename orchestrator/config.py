@@ -234,8 +234,10 @@ class ServeConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_tokens_limit: int = Field(512, ge=1)
     auth_token_env: str | None = None
-    engine: Literal["continuous", "generate"] = "continuous"
-    cuda_graphs: bool = True
+    engine: Literal["continuous", "generate"] = Field(
+        "continuous", description="continuous: the decode engine (max_batch_size slots, requests join and leave "
+                                  "per step); generate: transformers' generate over dynamic batches")
+    cuda_graphs: bool = Field(True, description="On a GPU, capture the engine's decode step in CUDA graphs.")
 
 
 class RunConfig(_Strict):
@@ -373,6 +375,9 @@ def read_raw(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: no such config file")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text (a config is a YAML file)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)

@@ -140,6 +140,10 @@ def run_eval(config: str | Path, adapter: str | Path, overrides: list[str] | Non
     adapter = Path(adapter).resolve()
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (expected a PEFT adapter directory)")
+    if not cfg.model.build_tiny:  # a missing base is one line, before Ray starts
+        from orchestrator.model import check_model_source
+
+        check_model_source(cfg.model.name_or_path)
     if cfg.model.task == "token_classification":
         from orchestrator.data import ner_rows
 

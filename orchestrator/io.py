@@ -49,3 +49,41 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _looks_like(path: Path) -> str:
+    """What a file that is not UTF-8 text probably is, for the error message."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return ""
+    if head.startswith(b"%PDF"):
+        return " (it is a PDF: data.format pdf reads PDFs)"
+    if head.startswith(b"\x1f\x8b"):
+        return " (it is gzip-compressed: name it *.gz)"
+    return " (binary data?)"
+
+
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, gzip-compressed when its name ends in .gz. A file that is not
+    such text ends in one ValueError naming the file, the line and what the file looks like."""
+    import gzip
+
+    path = Path(path)
+    if _looks_like(path).startswith(" (it is a PDF"):
+        raise ValueError(f"{path}: a PDF, not a text file (data.format pdf reads PDFs)")
+    lineno, raw = 0, b""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):  # decoded line by line, so the error names the line
+                yield lineno, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text{_looks_like(path)}") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a readable gzip file ({e})") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file (gzip-aware), with the same one-line errors as :func:`text_lines`."""
+    return "".join(line for _, line in text_lines(path))

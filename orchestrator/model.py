@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.config import RunConfig
+from orchestrator.config import ConfigError, RunConfig
 from orchestrator.tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 
 
-class ModelLoadError(RuntimeError):
-    """The base model cannot be loaded: the message says which path or id and why."""
+class ModelLoadError(ConfigError):
+    """The base model cannot be loaded: the message says which path or id and why (a user error: the CLI
+    prints it as one line)."""
 
 
 def bnb_config(cfg: RunConfig):

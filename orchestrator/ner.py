@@ -7,7 +7,6 @@ always errors: they cannot be guessed.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import random
@@ -15,6 +14,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from orchestrator.io import read_text, text_lines
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ class Repairs:
     @property
     def total(self) -> int:
         return self.i_without_b + self.empty_sentences
-
-
-def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
 def _check_bio(tags: list[str], lines: list[int], path: Path, repair: bool, repairs: Repairs) -> list[str]:
@@ -77,37 +74,36 @@ def read_conll(path: str | Path, repair: bool = False, repairs: Repairs | None =
             sentences.append({"tokens": tokens, "tags": _check_bio(tags, lines, path, repair, repairs)})
         tokens, tags, lines = [], [], []
 
-    with _open(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                blank_run += 1
-                if blank_run == 2 and not tokens:
-                    # Two separators in a row: an empty sentence.
-                    if not repair:
-                        raise NERFormatError(f"{path}:{lineno}: empty sentence (consecutive blank lines); "
-                                             "fix the file or set data.repair=true")
-                    repairs.add("empty_sentences", f"{path}:{lineno}")
-                    blank_run = 1
-                flush(lineno)
-                continue
-            blank_run = 0
-            if line.startswith("-DOCSTART-"):
-                continue
-            cols = line.split("\t")
-            if len(cols) != 2:
-                raise NERFormatError(f"{path}:{lineno}: expected 2 tab-separated columns (token, tag), "
-                                     f"found {len(cols)}: {line[:60]!r}")
-            token, tag = cols[0], cols[1].strip()
-            if not token.strip():
-                raise NERFormatError(f"{path}:{lineno}: empty token")
-            if not _TAG.match(tag):
-                raise NERFormatError(f"{path}:{lineno}: unknown tag shape {tag!r} (expected O, B-TYPE or I-TYPE)")
-            if not tokens:
-                start = lineno
-            tokens.append(token)
-            tags.append(tag)
-            lines.append(lineno)
+    for lineno, raw in text_lines(path):
+        line = raw.rstrip("\n").rstrip("\r")
+        if not line.strip():
+            blank_run += 1
+            if blank_run == 2 and not tokens:
+                # Two separators in a row: an empty sentence.
+                if not repair:
+                    raise NERFormatError(f"{path}:{lineno}: empty sentence (consecutive blank lines); "
+                                         "fix the file or set data.repair=true")
+                repairs.add("empty_sentences", f"{path}:{lineno}")
+                blank_run = 1
+            flush(lineno)
+            continue
+        blank_run = 0
+        if line.startswith("-DOCSTART-"):
+            continue
+        cols = line.split("\t")
+        if len(cols) != 2:
+            raise NERFormatError(f"{path}:{lineno}: expected 2 tab-separated columns (token, tag), "
+                                 f"found {len(cols)}: {line[:60]!r}")
+        token, tag = cols[0], cols[1].strip()
+        if not token.strip():
+            raise NERFormatError(f"{path}:{lineno}: empty token")
+        if not _TAG.match(tag):
+            raise NERFormatError(f"{path}:{lineno}: unknown tag shape {tag!r} (expected O, B-TYPE or I-TYPE)")
+        if not tokens:
+            start = lineno
+        tokens.append(token)
+        tags.append(tag)
+        lines.append(lineno)
     del start
     flush(0)
     if not sentences:
@@ -122,8 +118,7 @@ def read_ner_json(path: str | Path, repair: bool = False, repairs: Repairs | Non
     """
     path = Path(path)
     repairs = repairs if repairs is not None else Repairs()
-    with _open(path) as f:
-        raw = f.read()
+    raw = read_text(path)
     try:
         data = json.loads(raw)
         items = [(i + 1, obj) for i, obj in enumerate(data)] if isinstance(data, list) else [(1, data)]

@@ -76,19 +76,20 @@ def rule_based_pairs(article: dict[str, Any], doc: str = DOC_NAME) -> list[dict[
 
 def read_qa_jsonl(path: str | Path) -> list[dict[str, str]]:
     """Read user QA pairs; each line must be an object with non-empty string question and answer."""
+    from orchestrator.io import text_lines
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            for key in ("question", "answer"):
-                if not isinstance(obj, dict) or not isinstance(obj.get(key), str) or not obj[key].strip():
-                    raise ValueError(f"{path}:{lineno}: field {key!r} must be a non-empty string")
-            rows.append({"question": obj["question"].strip(), "answer": obj["answer"].strip()})
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        for key in ("question", "answer"):
+            if not isinstance(obj, dict) or not isinstance(obj.get(key), str) or not obj[key].strip():
+                raise ValueError(f"{path}:{lineno}: field {key!r} must be a non-empty string")
+        rows.append({"question": obj["question"].strip(), "answer": obj["answer"].strip()})
     if not rows:
         raise ValueError(f"{path}: no QA pairs found")
     return rows

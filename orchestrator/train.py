@@ -55,7 +55,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG the loop draws from, as tensors and plain values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,10 +66,29 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(path: Path) -> Any:
+    """A checkpoint file, unpickled with ``weights_only=True``: tensors, containers and plain values, plus
+    DeepSpeed's loss-scaler records in a ZeRO optimizer partition; nothing else executes on load."""
+    allowed: list[Any] = []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        allowed = [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (one line naming the file; pickle errors are long)
+        raise RuntimeError(f"{path}: not a checkpoint this version can load safely "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -182,10 +204,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # adapter weights go in before DDP/DeepSpeed wraps (ZeRO-3 partitions them)
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+            state = load_state(Path(d) / STATE_FILE)
             set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
             if (Path(d) / optimizer_file(rank)).exists():  # ZeRO: each rank's own partition
-                state["optimizer"] = torch.load(Path(d) / optimizer_file(rank), weights_only=False)
+                state["optimizer"] = load_state(Path(d) / optimizer_file(rank))
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     plan = Plan.make(cfg, loop["rows_per_rank"])
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
@@ -443,7 +465,7 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
         raise RuntimeError(f"{run_dir}: training reported no checkpoint")
     best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) or latest
     with latest.as_directory() as d:
-        history = torch.load(Path(d) / STATE_FILE, weights_only=False)["history"]
+        history = load_state(Path(d) / STATE_FILE)["history"]
     with best.as_directory() as d:
         adapter_dir = run_dir / "adapter"
         from orchestrator.io import atomic_dir
@@ -457,12 +479,15 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
 
 def run_train(config: str | Path, overrides: list[str] | None = None, resume: str | None = None) -> TrainResult:
     """Entry for `orchestrator train` and jobs/train.py."""
+    from orchestrator.model import check_model_source
     from orchestrator.runtime import init_ray
 
     cfg = load_config(config, overrides)
     if resume:
         resume_dir = Path(resume).resolve()
         cfg.output_dir, cfg.name = str(resume_dir.parent), resume_dir.name
+    if not cfg.model.build_tiny:  # fail before Ray starts (a buildable tiny model is built later, in prepare)
+        check_model_source(cfg.model.name_or_path)
     init_ray()
     result = run_training(cfg, resume=bool(resume))
     print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.json'}\n"

@@ -126,9 +126,18 @@ def test_entities_finds_chemical_and_disease(app):
     ("/v1/completions", {"prompt": "x", "max_tokens": 8, "stream": True, "model": "medical-ner"}, 404, "medical-ner"),
     ("/v1/entities", {}, 400, "exactly one of text or texts"),
     ("/v1/entities", {"text": 5}, 400, "text"),
+    # a lone surrogate, as JSON allows it: a 400 naming the field, not a 500 from the tokenizer
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+     "messages.0.content: invalid Unicode"),
+    ("/v1/completions", b'{"prompt": "x", "stop": ["\\udfff"]}', 400, "stop"),
+    ("/v1/entities", b'{"texts": ["ok", "\\ud800"]}', 400, "texts"),
 ])
 def test_bad_requests_get_4xx_with_a_message(app, path, body, status, needle):
-    r = httpx.post(f"{app}{path}", json=body, headers=AUTH, timeout=60)
+    if isinstance(body, bytes):  # sent as written (an encoder would refuse a lone surrogate)
+        r = httpx.post(f"{app}{path}", content=body, headers={**AUTH, "content-type": "application/json"},
+                       timeout=60)
+    else:
+        r = httpx.post(f"{app}{path}", json=body, headers=AUTH, timeout=60)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
 
@@ -318,3 +327,42 @@ def test_coalescer_merges_batches_handed_in_while_the_model_is_busy():
     assert results == [[10, 20], [30], [40, 50], [60, 70, 80]]
     assert calls[:3] == [[1, 2], [3, 4, 5, 6, 7], [8]]  # merged up to max_size, the rest in the next call
     assert ok == [90] and not running
+
+
+def test_evicted_adapters_are_unloaded_and_answer_again_when_asked(ray_local, tiny_model_dir, tmp_path_factory):
+    """More adapters than a replica keeps: the least recently used one is unloaded from the model (its
+    LoRA weights leave memory), and asked again it is reloaded and answers exactly as before."""
+    from ray import serve
+    from safetensors.torch import load_file
+
+    from serve.app import MAX_ADAPTERS_PER_REPLICA as keep
+    from serve.app import build_app
+
+    from .conftest import make_random_adapter
+
+    names = [f"a{i}" for i in range(keep + 2)]
+    adapters = {n: str(make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp(n), seed=20 + i))
+                for i, n in enumerate(names)}
+    per_adapter = sum(t.numel() for t in load_file(f"{adapters['a0']}/adapter_model.safetensors").values())
+    spec = {"name": "many", "task": "causal_lm", "base": str(tiny_model_dir), "num_cpus": 0, "adapters": adapters,
+            "max_tokens_limit": 16}
+    serve.run(build_app({"models": [spec]}), name="many", route_prefix="/many")
+    try:
+        def ask(name: str) -> str:
+            r = httpx.post(f"{URL}/many/v1/completions", timeout=120,
+                           json={"model": name, "prompt": "The Constitution", "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        handle = serve.get_deployment_handle("TextGenerator-many", app_name="many")
+        first = {n: ask(n) for n in names}
+        assert len(set(first.values())) > 1, "different adapters, different answers"
+        stats = handle.adapter_stats.remote().result()
+        assert stats["loaded"] == sorted(names[-keep:])
+        assert stats["lora_parameters"] == keep * per_adapter  # not len(names) * per_adapter
+        assert ask("a0") == first["a0"]  # evicted, reloaded, the same function
+        stats = handle.adapter_stats.remote().result()
+        assert stats["loaded"] == sorted(["a0", *names[-keep + 1:]]) and "a2" not in stats["loaded"]
+        assert stats["lora_parameters"] == keep * per_adapter
+    finally:
+        serve.delete("many")

@@ -250,3 +250,38 @@ def test_clear_errors(ray_local, tiny_model_dir, tmp_path):
         (ckpt / f"optimizer-rank{r}.pt").unlink()
     with pytest.raises(ConfigError, match="written with train.strategy=ddp .* not deepspeed_zero2"):
         run_training(qa_cfg(tiny_model_dir, tmp_path, strategy="deepspeed_zero2"), resume=True)
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a tampered checkpoint in a shared run directory could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_state_loads_without_running_pickled_code(tmp_path):
+    """Resume reads trainer state with weights_only: the RNG states round-trip; a pickled call is refused
+    with one line naming the file, and never runs."""
+    import random
+
+    import numpy as np
+
+    from orchestrator.train import load_state, rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save({"rng": [rng_state()], "history": [{"step": 1, "loss": 0.5}]}, tmp_path / "ok.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    state = load_state(tmp_path / "ok.pt")
+    set_rng_state(state["rng"][0])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert state["history"] == [{"step": 1, "loss": 0.5}]
+    marker = tmp_path / "ran"
+    torch.save({"history": [], "x": _Payload(marker)}, tmp_path / "bad.pt")
+    with pytest.raises(RuntimeError, match=r"bad\.pt: not a checkpoint this version can load safely") as e:
+        load_state(tmp_path / "bad.pt")
+    assert "\n" not in str(e.value) and not marker.exists()

@@ -1,0 +1,195 @@
+"""The HTTP ingress: OpenAI-compatible routes, the entities route, auth, validation, back-pressure answers,
+and the chat page. It forwards to the model deployments' handles and knows nothing of torch."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from serve.schemas import ChatRequest, CompletionRequest, EntitiesRequest, _Sampling
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param}})
+
+
+api = FastAPI(title="orchestrator", description="OpenAI-compatible generation and entity extraction")
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_request(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+    msg = first["msg"].removeprefix("Value error, ")
+    return _error(400, f"{loc}: {msg}", loc)
+
+
+class Gateway:
+    """Routes requests to the model deployments; auth, validation and back-pressure answers live here."""
+
+    def __init__(self, routes: dict[str, Any], tasks: dict[str, str], multiplexed: dict[str, str],
+                 auth_token_env: str | None = None):
+        self.routes, self.tasks, self.multiplexed = routes, tasks, multiplexed
+        self.token = os.environ.get(auth_token_env) if auth_token_env else None
+        if auth_token_env and not self.token:
+            raise RuntimeError(f"auth_token_env={auth_token_env}: that environment variable is not set")
+        self.created = int(time.time())
+
+    def _auth(self, request: Request):
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if self.token and not hmac.compare_digest(given, f"Bearer {self.token}".encode()):  # constant time
+            return _error(401, "missing or wrong bearer token", kind="authentication_error")
+        return None
+
+    def _pick(self, name: str | None, task: str):
+        names = [n for n, t in self.tasks.items() if t == task]
+        if not names:
+            return None, _error(404, f"no {task} model is served here", "model")
+        if name is None:
+            name = names[0]
+        if name not in names:
+            return None, _error(404, f"model {name!r} is not served here; try one of {names}", "model")
+        handle = self.routes[name]
+        if name in self.multiplexed:
+            handle = handle.options(multiplexed_model_id=self.multiplexed[name])
+        return (name, handle), None
+
+    @staticmethod
+    def _busy():
+        return _error(503, "the server is at capacity; retry shortly", kind="overloaded")
+
+    async def _text(self, request: Request, body: _Sampling, kind: str):
+        if (denied := self._auth(request)) is not None:
+            return denied
+        picked, err = self._pick(body.model, "causal_lm")
+        if err:
+            return err
+        name, handle = picked
+        req = body.model_dump(exclude={"model", "stream", "stream_options"})
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await self._stream(handle, req, rid, name, kind, usage)
+        try:
+            res = await handle.complete.remote(req)
+        except BackPressureError:
+            return self._busy()
+        if "error" in res:
+            return _error(res["status"], res["error"], res.get("param"))
+        usage = {"prompt_tokens": res["prompt_tokens"], "completion_tokens": res["completion_tokens"],
+                 "total_tokens": res["prompt_tokens"] + res["completion_tokens"]}
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": res["text"]},
+                      "finish_reason": res["finish_reason"]}
+            return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
+                    "choices": [choice], "usage": usage}
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
+                "choices": [{"index": 0, "text": res["text"], "finish_reason": res["finish_reason"],
+                             "logprobs": None}], "usage": usage}
+
+    async def _stream(self, handle, req: dict[str, Any], rid: str, name: str, kind: str, usage: bool = False):
+        gen = handle.options(stream=True).stream.remote(req)
+        try:
+            first = await gen.__anext__()
+        except BackPressureError:
+            return self._busy()
+        except StopAsyncIteration:
+            first = {"finish_reason": "stop"}
+        if "error" in first:
+            return _error(first["status"], first["error"], first.get("param"))
+        created = int(time.time())
+
+        def chunk(item: dict[str, Any]) -> str:
+            if kind == "chat":
+                delta = {"content": item["text"]} if "text" in item else {}
+                choice = {"index": 0, "delta": delta, "finish_reason": item.get("finish_reason")}
+                obj = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": item.get("text", ""), "finish_reason": item.get("finish_reason"),
+                          "logprobs": None}
+                obj = "text_completion"
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": name,
+                                          "choices": [choice]}) + "\n\n"
+
+        async def events():
+            if kind == "chat":
+                yield chunk({"text": ""}).replace('"delta": {"content": ""}', '"delta": {"role": "assistant"}')
+            yield chunk(first)
+            last = first
+            async for item in gen:
+                yield chunk(item)
+                last = item
+            if usage and "completion_tokens" in last:  # OpenAI's stream_options.include_usage: a last chunk
+                counts = {k: last[k] for k in ("prompt_tokens", "completion_tokens")}
+                yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if kind == "chat"
+                                             else "text_completion", "created": created, "model": name,
+                                             "choices": [], "usage": {**counts, "total_tokens": sum(counts.values())}}
+                                            ) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def chat(self, request: Request, body: ChatRequest):
+        return await self._text(request, body, "chat")
+
+    async def completions(self, request: Request, body: CompletionRequest):
+        return await self._text(request, body, "completion")
+
+    async def models(self, request: Request):
+        if (denied := self._auth(request)) is not None:
+            return denied
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": self.created,
+                                            "owned_by": "orchestrator", "task": t} for n, t in self.tasks.items()]}
+
+    async def entities(self, request: Request, body: EntitiesRequest):
+        if (denied := self._auth(request)) is not None:
+            return denied
+        picked, err = self._pick(body.model, "token_classification")
+        if err:
+            return err
+        name, handle = picked
+        texts = [body.text] if body.text is not None else body.texts
+        try:
+            found = await asyncio.gather(*(handle.extract.remote(t) for t in texts))
+        except BackPressureError:
+            return self._busy()
+        if body.text is not None:
+            return {"model": name, "entities": found[0]}
+        return {"model": name, "results": [{"entities": f} for f in found]}
+
+    async def healthz(self):
+        return {"status": "ok", "models": self.tasks}
+
+    async def page(self):
+        return HTMLResponse((STATIC / "chat.html").read_text(encoding="utf-8"))
+
+
+def _wire_routes() -> None:
+    """FastAPI routes onto Gateway's methods (declared once; the class stays readable above)."""
+    api.post("/v1/chat/completions")(Gateway.chat)
+    api.post("/v1/completions")(Gateway.completions)
+    api.get("/v1/models")(Gateway.models)
+    api.post("/v1/entities")(Gateway.entities)
+    api.get("/healthz")(Gateway.healthz)
+    api.get("/", response_class=HTMLResponse)(Gateway.page)
+
+
+_wire_routes()
+# The gateway only validates and forwards (the models' replicas do the work): it reserves no CPU, so a
+# small machine's cores go to the model replicas.
+GatewayDeployment = serve.deployment(name="Gateway", max_ongoing_requests=256,
+                                     ray_actor_options={"num_cpus": 0})(serve.ingress(api)(Gateway))
