@@ -140,10 +140,9 @@ def run_eval(config: str | Path, adapter: str | Path, overrides: list[str] | Non
     adapter = Path(adapter).resolve()
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (expected a PEFT adapter directory)")
-    if not cfg.model.build_tiny:  # a missing base is one line, before Ray starts
-        from orchestrator.model import check_model_source
+    from orchestrator.model import ensure_model
 
-        check_model_source(cfg.model.name_or_path)
+    ensure_model(cfg)  # built on first use, or a one-line error, before Ray starts
     if cfg.model.task == "token_classification":
         from orchestrator.data import ner_rows
 

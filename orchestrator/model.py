@@ -46,6 +46,20 @@ def check_model_source(name_or_path: str) -> str:
     return path
 
 
+def ensure_model(cfg: RunConfig) -> str:
+    """The run's base model, ready to load before any Ray work: the embedded tiny Llama is built on first use
+    (``model.build_tiny: true``); any other local path must hold a model (one line naming path and setting)."""
+    from orchestrator.tiny import ensure_base_model
+
+    if cfg.model.build_tiny:
+        ensure_base_model(cfg)
+    try:
+        return check_model_source(cfg.model.name_or_path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{e}; set model.name_or_path to a model directory or hub id, or model.build_tiny: "
+                             "true for the embedded default") from None
+
+
 def load_base(cfg: RunConfig, device: torch.device, labels: list[str] | None = None, quantize: bool = True):
     """The base model on ``device`` (never device_map="auto": each Ray worker owns one device)."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification

@@ -479,15 +479,14 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
 
 def run_train(config: str | Path, overrides: list[str] | None = None, resume: str | None = None) -> TrainResult:
     """Entry for `orchestrator train` and jobs/train.py."""
-    from orchestrator.model import check_model_source
+    from orchestrator.model import ensure_model
     from orchestrator.runtime import init_ray
 
     cfg = load_config(config, overrides)
     if resume:
         resume_dir = Path(resume).resolve()
         cfg.output_dir, cfg.name = str(resume_dir.parent), resume_dir.name
-    if not cfg.model.build_tiny:  # fail before Ray starts (a buildable tiny model is built later, in prepare)
-        check_model_source(cfg.model.name_or_path)
+    ensure_model(cfg)  # built on first use, or a one-line error, before Ray starts
     init_ray()
     result = run_training(cfg, resume=bool(resume))
     print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.json'}\n"

@@ -346,8 +346,10 @@ def _plot(curves: dict[str, list[float]], metric: str, best_id: str) -> bytes:
 
 def run_tune(config: str | Path, overrides: list[str] | None = None, resume: bool = False) -> StudyResult:
     """Entry for `orchestrator tune` and jobs/tune.py."""
+    from orchestrator.model import ensure_model
     from orchestrator.runtime import init_ray
 
     cfg = load_config(config, overrides)
+    ensure_model(cfg)  # built on first use, or a one-line error, before Ray starts
     init_ray()
     return run_study(cfg, resume=resume)

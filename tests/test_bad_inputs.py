@@ -51,7 +51,7 @@ def test_binary_config_names_the_file_and_line(tmp_path, capsys):
     assert "run.yaml:3: not UTF-8 text" in _cli(capsys, "validate", str(cfg))
 
 
-@pytest.mark.parametrize("verb", ["train", "eval"])
+@pytest.mark.parametrize("verb", ["train", "eval", "tune", "merge"])
 def test_missing_base_model_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch, random_adapter, verb):
     import orchestrator.runtime
 
@@ -62,6 +62,21 @@ def test_missing_base_model_is_one_line_before_ray_starts(tmp_path, capsys, monk
     sets = ["--set", f"model.name_or_path={tmp_path / 'nonexistent'}", "--set", "model.build_tiny=false",
             "--set", f"output_dir={tmp_path}"]
     argv = [verb, str(ROOT / "configs/constitution-qa-tiny.yaml"), *sets]
-    if verb == "eval":
+    if verb in ("eval", "merge"):
         argv += ["--adapter", str(random_adapter)]
-    assert "nonexistent: no model here" in _cli(capsys, *argv)
+    err = _cli(capsys, *argv)
+    assert "nonexistent: no model here" in err and "model.build_tiny" in err
+
+
+def test_embedded_model_is_built_on_first_use(tmp_path, monkeypatch):
+    """`build_tiny: true` builds the embedded Llama the first time any stage needs it, then reuses it."""
+    from orchestrator.config import load_config
+    from orchestrator.model import ensure_model
+
+    cfg = load_config(ROOT / "configs/constitution-qa-tiny.yaml",
+                      [f"model.name_or_path={tmp_path / 'tiny'}", "model.tiny_pretrain_steps=0"])
+    path = ensure_model(cfg)
+    assert (tmp_path / "tiny/config.json").is_file() and path == str(tmp_path / "tiny")
+    stamp = (tmp_path / "tiny/config.json").stat().st_mtime_ns
+    ensure_model(cfg)
+    assert (tmp_path / "tiny/config.json").stat().st_mtime_ns == stamp
