@@ -140,8 +140,9 @@ def run_eval(config: str | Path, adapter: str | Path, overrides: list[str] | Non
     adapter = Path(adapter).resolve()
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (expected a PEFT adapter directory)")
-    from orchestrator.model import ensure_model
+    from orchestrator.model import ensure_model, follow_adapter_base
 
+    cfg = follow_adapter_base(cfg, adapter)
     ensure_model(cfg)  # built on first use, or a one-line error, before Ray starts
     if cfg.model.task == "token_classification":
         from orchestrator.data import ner_rows

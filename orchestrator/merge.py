@@ -171,9 +171,9 @@ def heldout_rows(cfg: RunConfig) -> list[dict]:
 def run_merge(config: str | Path, adapter: str | Path, overrides: list[str] | None = None, out: str | None = None,
               method: Method = "16bit", compare: bool = True, examples: int = 32) -> dict[str, Any]:
     """Entry for `orchestrator merge` and jobs/merge.py. Default output: RUN_DIR/merged."""
-    from orchestrator.model import ensure_model
+    from orchestrator.model import ensure_model, follow_adapter_base
 
-    cfg = load_config(config, overrides)
+    cfg = follow_adapter_base(load_config(config, overrides), adapter)
     ensure_model(cfg)  # built on first use, or a one-line error, before Ray starts
     out_dir = Path(out) if out else Path(adapter).resolve().parent / "merged"
     result = merge_adapter(cfg, adapter, out_dir, heldout_rows(cfg), method, compare, examples)

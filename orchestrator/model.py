@@ -60,6 +60,37 @@ def ensure_model(cfg: RunConfig) -> str:
                              "true for the embedded default") from None
 
 
+def follow_adapter_base(cfg: RunConfig, adapter: str | Path) -> RunConfig:
+    """The config to load ``adapter`` with: its base is the one the adapter records (``adapter_config.json``
+    base_model_name_or_path) when that differs from the config's and can be found; said in one line.
+    A base found in neither place is a one-line error naming both."""
+    import json
+
+    from orchestrator.config import set_fields
+
+    f = Path(adapter) / "adapter_config.json"
+    recorded = json.loads(f.read_text()).get("base_model_name_or_path") if f.is_file() else None
+    named = cfg.model.name_or_path
+    if not recorded or recorded == named:
+        return cfg
+
+    def found(name: str) -> bool:
+        try:
+            path = check_model_source(name)
+        except ModelLoadError:
+            return False
+        return Path(path).exists() or not Path(name).is_absolute()  # a hub id cannot be checked offline
+
+    if found(recorded):
+        print(f"{adapter}: trained on {recorded}; using that base (the config names {named})")
+        return set_fields(cfg, {"model.name_or_path": recorded, "model.build_tiny": False})
+    if found(named) or cfg.model.build_tiny:
+        print(f"{adapter}: trained on {recorded}, which is not here; using the config's base {named}")
+        return cfg
+    raise ModelLoadError(f"no base model for {adapter}: not at {recorded} (adapter_config.json "
+                         f"base_model_name_or_path) nor at {named} (model.name_or_path)")
+
+
 def load_base(cfg: RunConfig, device: torch.device, labels: list[str] | None = None, quantize: bool = True):
     """The base model on ``device`` (never device_map="auto": each Ray worker owns one device)."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification

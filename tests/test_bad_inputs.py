@@ -62,10 +62,40 @@ def test_missing_base_model_is_one_line_before_ray_starts(tmp_path, capsys, monk
     sets = ["--set", f"model.name_or_path={tmp_path / 'nonexistent'}", "--set", "model.build_tiny=false",
             "--set", f"output_dir={tmp_path}"]
     argv = [verb, str(ROOT / "configs/constitution-qa-tiny.yaml"), *sets]
-    if verb in ("eval", "merge"):
-        argv += ["--adapter", str(random_adapter)]
-    err = _cli(capsys, *argv)
-    assert "nonexistent: no model here" in err and "model.build_tiny" in err
+    if verb in ("eval", "merge"):  # an adapter whose recorded base is gone too
+        adapter = _adapter_on(random_adapter, tmp_path / "adapter", str(tmp_path / "gone"))
+        err = _cli(capsys, *argv, "--adapter", str(adapter))
+        assert f"not at {tmp_path / 'gone'} (adapter_config.json base_model_name_or_path)" in err
+        assert f"nor at {tmp_path / 'nonexistent'} (model.name_or_path)" in err
+    else:
+        err = _cli(capsys, *argv)
+        assert "nonexistent: no model here" in err and "model.build_tiny" in err
+
+
+def _adapter_on(src, dst, base: str):
+    """A copy of adapter ``src`` that records ``base`` as its base model."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    conf = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": base}))
+    return dst
+
+
+def test_eval_and_merge_follow_the_adapters_base(tmp_path, capsys, random_adapter, tiny_model_dir):
+    """The config names one base, the adapter was trained on another that is here: the adapter's is used,
+    in one line; with the adapter's base gone, the config's is used, also said."""
+    from orchestrator.config import load_config
+    from orchestrator.model import follow_adapter_base
+
+    cfg = load_config(ROOT / "configs/constitution-qa-tiny.yaml", [f"model.name_or_path={tmp_path / 'other'}"])
+    followed = follow_adapter_base(cfg, random_adapter)  # records tiny_model_dir
+    assert followed.model.name_or_path == str(tiny_model_dir) and not followed.model.build_tiny
+    assert f"trained on {tiny_model_dir}; using that base" in capsys.readouterr().out
+    gone = _adapter_on(random_adapter, tmp_path / "a", str(tmp_path / "gone"))
+    assert follow_adapter_base(cfg, gone) is cfg  # build_tiny: the config's base can be built
+    assert "which is not here; using the config's base" in capsys.readouterr().out
 
 
 def test_embedded_model_is_built_on_first_use(tmp_path, monkeypatch):
