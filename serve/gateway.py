@@ -68,14 +68,18 @@ class Gateway:
             handle = handle.options(multiplexed_model_id=self.multiplexed[name])
         return (name, handle), None
 
+    def _route(self, request: Request, name: str | None, task: str):
+        """((name, handle), None) for an authorized request to a served model of ``task``, else (None, error)."""
+        if (denied := self._auth(request)) is not None:
+            return None, denied
+        return self._pick(name, task)
+
     @staticmethod
     def _busy():
         return _error(503, "the server is at capacity; retry shortly", kind="overloaded")
 
     async def _text(self, request: Request, body: _Sampling, kind: str):
-        if (denied := self._auth(request)) is not None:
-            return denied
-        picked, err = self._pick(body.model, "causal_lm")
+        picked, err = self._route(request, body.model, "causal_lm")
         if err:
             return err
         name, handle = picked
@@ -156,9 +160,7 @@ class Gateway:
                                             "owned_by": "orchestrator", "task": t} for n, t in self.tasks.items()]}
 
     async def entities(self, request: Request, body: EntitiesRequest):
-        if (denied := self._auth(request)) is not None:
-            return denied
-        picked, err = self._pick(body.model, "token_classification")
+        picked, err = self._route(request, body.model, "token_classification")
         if err:
             return err
         name, handle = picked

@@ -304,7 +304,7 @@ class TextGenerator:
                 encoded.append(self._encode(r))
             except ClientError as e:
                 encoded.append(None)
-                results[i] = {"error": e.message, "param": e.param, "status": e.status}
+                results[i] = e.as_dict()
                 continue
             key = (r["temperature"], r["top_p"], r["repetition_penalty"], r.get("seed"))
             groups.setdefault(key, []).append(i)
@@ -322,23 +322,26 @@ class TextGenerator:
     def _defaults(self, req: dict[str, Any]) -> dict[str, Any]:
         return {**req, "max_tokens": req.get("max_tokens") or min(128, self.spec.max_tokens_limit)}
 
+    async def _admit(self, req: dict[str, Any], model_id: str | None) -> list[int] | dict[str, Any]:
+        """The request's prompt ids with its adapter loaded, or the client error to hand back."""
+        if model_id:
+            await self.get_adapter(model_id)
+        try:
+            return self._encode(req)
+        except ClientError as e:
+            return e.as_dict()
+
     async def complete(self, req: dict[str, Any]) -> dict[str, Any]:
         """A whole completion: batched for the merged model, one at a time for an adapter."""
         req = self._defaults(req)
         model_id = serve.get_multiplexed_model_id()
+        if not model_id and self.engine is None:
+            return await self.generate_batch(req)  # encoded with its batch
+        ids = await self._admit(req, model_id)
+        if isinstance(ids, dict):
+            return ids
         if model_id:
-            await self.get_adapter(model_id)
-            try:
-                encoded = self._encode(req)
-            except ClientError as e:
-                return {"error": e.message, "param": e.param, "status": e.status}
-            return (await asyncio.to_thread(self._generate, [req], [encoded], model_id))[0]
-        if self.engine is None:
-            return await self.generate_batch(req)
-        try:
-            ids = self._encode(req)
-        except ClientError as e:
-            return {"error": e.message, "param": e.param, "status": e.status}
+            return (await asyncio.to_thread(self._generate, [req], [ids], model_id))[0]
         pieces: list[str] = []
         async for ev in self._engine_events(req, ids):
             if "text" in ev:
@@ -356,12 +359,9 @@ class TextGenerator:
 
         req = self._defaults(req)
         model_id = serve.get_multiplexed_model_id()
-        if model_id:
-            await self.get_adapter(model_id)
-        try:
-            ids = self._encode(req)
-        except ClientError as e:
-            yield {"error": e.message, "param": e.param, "status": e.status}
+        ids = await self._admit(req, model_id)
+        if isinstance(ids, dict):
+            yield ids
             return
         if self.engine is not None and not model_id:
             async for ev in self._engine_events(req, ids):

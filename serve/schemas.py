@@ -134,3 +134,7 @@ class ClientError(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
         self.message, self.param, self.status = message, param, status
+
+    def as_dict(self) -> dict[str, Any]:
+        """The form a replica hands back to the gateway, which answers it with ``status``."""
+        return {"error": self.message, "param": self.param, "status": self.status}
