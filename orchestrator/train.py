@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import tempfile
@@ -79,16 +80,18 @@ def load_state(path: Path) -> Any:
     allowed: list[Any] = []
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
 
-        allowed = [LossScaler, DynamicLossScaler]
+        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum]
     except ImportError:
         pass
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001 (one line naming the file; pickle errors are long)
-        raise RuntimeError(f"{path}: not a checkpoint this version can load safely "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        why = f"it holds {found.group(1)}" if found else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise RuntimeError(f"{path}: not a checkpoint this version can load safely ({why})") from e
 
 
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
