@@ -202,11 +202,11 @@ class Engine:
 
     ``model``: a transformers causal LM (Llama family) in eval mode on its device; ``slots``: the most
     sequences decoded together; ``max_len``: prompt + new tokens of one sequence. ``cuda_graphs``: capture the
-    decode step (default: on when the model is on a GPU); ``compile``: torch.compile the step first.
+    decode step (default: on when the model is on a GPU); ``compile_step``: torch.compile the step first.
     """
 
     def __init__(self, model, tokenizer, slots: int = 8, max_len: int = 1024, cuda_graphs: bool | None = None,
-                 compile: bool | None = None):
+                 compile_step: bool = False):
         self.tokenizer = tokenizer
         self.eos = set(_eos_ids(model, tokenizer))
         self.slots, self.max_len = slots, max_len
@@ -215,9 +215,9 @@ class Engine:
         self.vocab = model.config.vocab_size
         self.graphs_on = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         # Optional torch.compile of the step (one dynamic-shape compile for every bucket). Off by default: for
-        # a 32-layer model it took over 3 minutes at replica start on an H100 (BENCHMARKS.md).
+        # a 32-layer model it did not finish within 3.5 minutes of replica start on an H100 (BENCHMARKS.md).
         self.step = self.dec.decode
-        if compile:
+        if compile_step:
             self.step = torch.compile(self.dec.decode, dynamic=True, fullgraph=True)
         self.batch_buckets = _buckets(slots, 1)
         self.span_buckets = _buckets(max_len, min(256, max_len))
@@ -380,13 +380,10 @@ class Engine:
         nxt = self._sample(logits, seqs, None)
         self.ids[:b] = nxt
         self.pos[:b] = torch.clamp(self.pos[:b] + 1, max=self.max_len - 1)
-        self.seen[self.arange_b(b), nxt] = True
+        self.seen[self.dec.arange[:b], nxt] = True
         for s in self.active:
             self.pos_host[s] += 1
         return seqs, nxt, b
-
-    def arange_b(self, b: int) -> torch.Tensor:
-        return self.dec.arange[:b]
 
     def _to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         n = tokens.shape[0]
