@@ -51,18 +51,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def _looks_like(path: Path) -> str:
-    """What a file that is not UTF-8 text probably is, for the error message."""
+def _sniff(path: Path) -> str:
+    """What a file starts as: "pdf", "gzip" or "" (anything else)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(4)
     except OSError:
         return ""
-    if head.startswith(b"%PDF"):
-        return " (it is a PDF: data.format pdf reads PDFs)"
-    if head.startswith(b"\x1f\x8b"):
-        return " (it is gzip-compressed: name it *.gz)"
-    return " (binary data?)"
+    return "pdf" if head.startswith(b"%PDF") else "gzip" if head.startswith(b"\x1f\x8b") else ""
 
 
 def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -71,7 +67,7 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     import gzip
 
     path = Path(path)
-    if _looks_like(path).startswith(" (it is a PDF"):
+    if _sniff(path) == "pdf":
         raise ValueError(f"{path}: a PDF, not a text file (data.format pdf reads PDFs)")
     lineno, raw = 0, b""
     try:
@@ -79,7 +75,8 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             for lineno, raw in enumerate(f, 1):  # decoded line by line, so the error names the line
                 yield lineno, raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{path}:{lineno}: not UTF-8 text{_looks_like(path)}") from None
+        hint = "it is gzip-compressed: name it *.gz" if _sniff(path) == "gzip" else "binary data?"
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text ({hint})") from None
     except (gzip.BadGzipFile, EOFError) as e:
         raise ValueError(f"{path}: not a readable gzip file ({e})") from None
 

@@ -155,6 +155,11 @@ def cpu_4bit_packing() -> bool:
     return bool(has_avx512bf16())
 
 
+def cpu_4bit_path() -> str:
+    """Which bitsandbytes 4-bit path this CPU takes, in words (test reports, pytest's header)."""
+    return "packed AVX512-BF16 layout for inference, kept off in training" if cpu_4bit_packing() else "plain"
+
+
 def keep_4bit_layout_for_training(model: torch.nn.Module) -> int:
     """Switch off bitsandbytes' CPU repacking of 4-bit weights in every layer; returns how many layers had it.
 

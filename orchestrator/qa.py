@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.io import atomic_write_text
+from orchestrator.io import atomic_write_text, text_lines
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,6 @@ def rule_based_pairs(article: dict[str, Any], doc: str = DOC_NAME) -> list[dict[
 
 def read_qa_jsonl(path: str | Path) -> list[dict[str, str]]:
     """Read user QA pairs; each line must be an object with non-empty string question and answer."""
-    from orchestrator.io import text_lines
-
     rows = []
     for lineno, line in text_lines(path):
         if not line.strip():

@@ -63,7 +63,6 @@ class Sequence:
     prefix_off: int = 0
     read_off: int = 0
     generator: torch.Generator | None = None
-    submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         """The client is gone: the slot is freed at the next step."""

@@ -31,10 +31,9 @@ def pytest_report_header(config):
     except OSError:
         pass
     feats = ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
-    from orchestrator.model import cpu_4bit_packing
+    from orchestrator.model import cpu_4bit_path
 
-    path = "packed AVX512-BF16 layout for inference, kept off in training" if cpu_4bit_packing() else "plain"
-    return f"CPU: {feats}; bitsandbytes 4-bit on the CPU: {path}"
+    return f"CPU: {feats}; bitsandbytes 4-bit on the CPU: {cpu_4bit_path()}"
 
 
 def start_local_ray():

@@ -115,10 +115,10 @@ def test_eval_pass_keeps_training_gradients(tiny_model_dir, tmp_path, record_pro
     nothing. Where the CPU has that path, the test also turns it back on and shows what it guards against."""
     import bitsandbytes as bnb
 
-    from orchestrator.model import cpu_4bit_packing, load_for_training
+    from orchestrator.model import cpu_4bit_packing, cpu_4bit_path, load_for_training
 
     packed = cpu_4bit_packing()
-    record_property("cpu_4bit_path", "avx512-bf16 packed (kept off in training)" if packed else "plain")
+    record_property("cpu_4bit_path", cpu_4bit_path())
     cfg = qa_cfg(tiny_model_dir, tmp_path)
     cfg.lora.dropout = 0.0
     ids = torch.randint(5, 200, (2, 32))
@@ -196,9 +196,9 @@ def test_deepspeed_zero_matches_ddp_and_resumes_exactly(qa_run, qa_prepared, tin
     path where bitsandbytes could repack the base's weights (kept off in training: orchestrator.model)."""
     from safetensors.torch import load_file
 
-    from orchestrator.model import cpu_4bit_packing
+    from orchestrator.model import cpu_4bit_path
 
-    record_property("cpu_4bit_path", "avx512-bf16 packed (kept off in training)" if cpu_4bit_packing() else "plain")
+    record_property("cpu_4bit_path", cpu_4bit_path())
 
     clean = qa_run[1]
     conf = qa_cfg(tiny_model_dir, tmp_path, name="zero").model_dump(mode="json")
