@@ -238,6 +238,8 @@ class ServeConfig(_Strict):
         "continuous", description="continuous: the decode engine (max_batch_size slots, requests join and leave "
                                   "per step); generate: transformers' generate over dynamic batches")
     cuda_graphs: bool = Field(True, description="On a GPU, capture the engine's decode step in CUDA graphs.")
+    kernels: bool = Field(True, description="On a GPU, the engine's Triton decode step (fused rotary, norms, "
+                          "SiLU; attention over each sequence's own length).")
 
 
 class RunConfig(_Strict):

@@ -37,7 +37,7 @@ def model_spec(cfg: RunConfig, model_path: str | Path | None = None) -> dict[str
                         "target_ongoing_requests": auto.target_ongoing_requests,
                         "upscale_delay_s": auto.upscale_delay_s, "downscale_delay_s": auto.downscale_delay_s},
         "num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
-        "engine": s.engine, "cuda_graphs": s.cuda_graphs,
+        "engine": s.engine, "cuda_graphs": s.cuda_graphs, "kernels": s.kernels,
     }
 
 

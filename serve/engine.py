@@ -4,11 +4,15 @@ A fixed number of slots each hold one sequence's KV cache (``[layers][slots, kv_
 A request is prefilled into a free slot, joins the running batch at the next decode step and leaves it the
 step it ends (EOS, ``max_tokens``, a stop string, or cancellation), which frees the slot for the next one.
 
-On a GPU the decode step is captured in CUDA graphs, one per (batch bucket, attention-length bucket): a step
-is one graph replay plus a few sampling kernels, with no host sync inside. The engine thread runs one step
-ahead of the host: it launches step k+1 on the GPU from step k's tokens (which never leave the GPU) and
-only then waits for step k's tokens to hand them out and decide who finished, so Python work overlaps the
-GPU. A sequence that ended at step k still rides along in step k+1; that step's token for it is dropped.
+On a GPU the decode step is captured in CUDA graphs, one per batch bucket: a step is one graph replay plus a
+few sampling kernels, with no host sync inside. With Triton (``serve/kernels.py``) each row's attention reads
+only its own cache length and rotary, the cache write, residual adds, norms and SiLU are fused; without it,
+the step uses SDPA over a padded span and gets one graph per (batch, span) bucket. Each prompt's prefill is
+one graph replay too, padded to a length bucket. The engine thread keeps the device one step ahead of the
+host: it launches step k+1 from step k's tokens (which never leave the device) and only then waits for step
+k-1's tokens to hand them out and decide who finished, so Python work (and the GIL held by the server's
+other threads) overlaps the device. A sequence that ended at step k still rides along in the steps already
+queued; their tokens for it are dropped.
 
 Greedy output does not depend on what else is in the batch: each row's attention reads only its own
 slot, and the CPU tests check it token for token against ``generate``.
@@ -26,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from serve import kernels
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +86,7 @@ def check_supported(config) -> None:
 class _Decoder:
     """The model's forward pass over the slot KV cache: batched prefill and the single-token decode step."""
 
-    def __init__(self, model, slots: int, max_len: int):
+    def __init__(self, model, slots: int, max_len: int, use_kernels: bool | None = None):
         cfg = model.config
         check_supported(cfg)
         self.model, self.slots, self.max_len = model, slots, max_len
@@ -103,6 +109,11 @@ class _Decoder:
         cos, sin = model.model.rotary_emb(dummy, pos[None])
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         self.arange = pos
+        # the Triton decode step (GPU): fused rotary + cache write, per-row-length attention, fused norms
+        fusable = getattr(cfg, "hidden_act", "silu") == "silu" and all(
+            hasattr(m, "variance_epsilon") for ly in self.layers for m in (ly.input_layernorm,
+                                                                          ly.post_attention_layernorm))
+        self.kernels = (kernels.available(self.device) if use_kernels is None else use_kernels) and fusable
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -155,7 +166,10 @@ class _Decoder:
         return self._finish(last)
 
     def decode(self, ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
-        """One token for slots 0..B-1 (``ids``/``pos`` [B]); attention reads the first ``span`` cache positions."""
+        """One token for slots 0..B-1 (``ids``/``pos`` [B]); attention reads the first ``span`` cache positions
+        (on the kernel path each row reads its own ``pos + 1`` and ``span`` is ignored)."""
+        if self.kernels:
+            return self._decode_kernels(ids, pos)
         b = ids.shape[0]
         rows = self.arange[:b]
         h = self.model.model.embed_tokens(ids[:, None])
@@ -172,6 +186,24 @@ class _Decoder:
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
             h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h))
         return self._finish(h[:, 0])
+
+    def _decode_kernels(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The decode step with the Triton kernels: per layer q/k/v, rotary + cache write, attention over each
+        row's length, o_proj, residual add + RMSNorm, gate/up, SiLU * up, down, residual add + next RMSNorm."""
+        b = ids.shape[0]
+        h = self.model.model.embed_tokens(ids)  # [B, hidden], updated in place by add_rms_norm
+        x = self._norm(self.layers[0].input_layernorm, h)
+        norms = [ly.post_attention_layernorm for ly in self.layers]
+        following = [ly.input_layernorm for ly in self.layers[1:]] + [self.model.model.norm]
+        for i, layer in enumerate(self.layers):
+            q = kernels.rope_cache(F.linear(x, *self.qkv[i]), self.cos, self.sin, pos, self.k[i], self.v[i],
+                                   self.heads, self.kv_heads)
+            o = kernels.decode_attention(q, self.k[i], self.v[i], pos)
+            x = kernels.add_rms_norm(h, layer.self_attn.o_proj(o.view(b, -1)), norms[i].weight,
+                                     norms[i].variance_epsilon)
+            up = kernels.silu_mul(F.linear(x, *self.gate_up[i]))
+            x = kernels.add_rms_norm(h, layer.mlp.down_proj(up), following[i].weight, following[i].variance_epsilon)
+        return self.model.lm_head(x).float()
 
 
 def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -201,15 +233,18 @@ class Engine:
 
     ``model``: a transformers causal LM (Llama family) in eval mode on its device; ``slots``: the most
     sequences decoded together; ``max_len``: prompt + new tokens of one sequence. ``cuda_graphs``: capture the
-    decode step (default: on when the model is on a GPU); ``compile_step``: torch.compile the step first.
+    decode step and the prefill (default: on when the model is on a GPU); ``compile_step``: torch.compile the
+    step first; ``use_kernels``: the Triton decode step (default: on where Triton runs for the device).
     """
 
+    PIPELINE = 2  # decode steps queued on the device while the host hands out tokens
+
     def __init__(self, model, tokenizer, slots: int = 8, max_len: int = 1024, cuda_graphs: bool | None = None,
-                 compile_step: bool = False):
+                 compile_step: bool = False, use_kernels: bool | None = None):
         self.tokenizer = tokenizer
         self.eos = set(_eos_ids(model, tokenizer))
         self.slots, self.max_len = slots, max_len
-        self.dec = _Decoder(model, slots, max_len)
+        self.dec = _Decoder(model, slots, max_len, use_kernels)
         self.device = self.dec.device
         self.vocab = model.config.vocab_size
         self.graphs_on = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -219,13 +254,21 @@ class Engine:
         if compile_step:
             self.step = torch.compile(self.dec.decode, dynamic=True, fullgraph=True)
         self.batch_buckets = _buckets(slots, 1)
-        self.span_buckets = _buckets(max_len, min(256, max_len))
+        # SDPA reads a padded span of the cache: a few span buckets; the kernels read each row's own length
+        self.span_buckets = [max_len] if self.dec.kernels else _buckets(max_len, min(256, max_len))
+        grain = 32 * -(-max_len // (32 * 32))  # prompt-length buckets of the prefill graphs: at most 32
+        self.prefill_buckets = sorted({min(n, max_len) for n in range(grain, max_len + grain, grain)})
         # decode inputs live on the device between steps: the next step reads the last step's tokens there
         self.ids = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)  # repetition penalty
+        # one prefill's inputs (prompt, length, slot) in one device buffer: a single copy per request
+        self.pf_buf = torch.zeros(max_len + 2, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pinned = torch.zeros(slots, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pin = self.device.type == "cuda"
+        self.pinned = [torch.zeros(slots, dtype=torch.long, pin_memory=pin) for _ in range(4 * self.PIPELINE)]
+        self.turn = 0
         self.waiting: deque[Sequence] = deque()
         self.active: dict[int, Sequence] = {}  # slot -> sequence
         self.pos_host = [0] * slots
@@ -267,6 +310,10 @@ class Engine:
     def _bucket(self, buckets: list[int], n: int) -> int:
         return next(b for b in buckets if b >= n)
 
+    def _prefill_inputs(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the prefill buffer: ids [1, t], length [1], slot [1]."""
+        return self.pf_buf[:t][None], self.pf_buf[self.max_len:self.max_len + 1], self.pf_buf[self.max_len + 1:]
+
     def _capture(self) -> None:
         t0 = time.perf_counter()
         if self.step is not self.dec.decode:
@@ -283,19 +330,28 @@ class Engine:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+
+        def capture(fn):
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                out = fn()
+            return g, out
+
         with torch.inference_mode():
-            for span in reversed(self.span_buckets):  # largest first: later graphs reuse its pool memory
+            # largest first: later graphs reuse its pool memory
+            for t in reversed(self.prefill_buckets):
+                self.prefill_graphs[t] = capture(lambda t=t: self.dec.prefill(*self._prefill_inputs(t)))
+            for span in reversed(self.span_buckets):
                 for b in reversed(self.batch_buckets):
-                    with torch.cuda.stream(stream):
-                        for _ in range(2):
-                            self.step(self.ids[:b], self.pos[:b], span)
-                    torch.cuda.current_stream().wait_stream(stream)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-                        out = self.step(self.ids[:b], self.pos[:b], span)
-                    self.graphs[(b, span)] = (g, out)
+                    self.graphs[(b, span)] = capture(lambda b=b, span=span: self.step(self.ids[:b], self.pos[:b],
+                                                                                       span))
         torch.cuda.synchronize()
-        log.info("decode engine: %d CUDA graphs captured in %.1f s", len(self.graphs), time.perf_counter() - t0)
+        log.info("decode engine: %d decode and %d prefill CUDA graphs captured in %.1f s (Triton step: %s)",
+                 len(self.graphs), len(self.prefill_graphs), time.perf_counter() - t0, self.dec.kernels)
 
     def _decode_logits(self, b: int, span: int) -> torch.Tensor:
         if self.graphs_on:
@@ -304,24 +360,30 @@ class Engine:
             return out
         return self.step(self.ids[:b], self.pos[:b], span)
 
+    def _tensor(self, values: list[int] | list[float]) -> torch.Tensor:
+        """A small host list on the device without blocking the host (pinned, asynchronous copy)."""
+        t = torch.tensor(values)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     # ------------------------------------------------------------------ sampling (on the device)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence | None], slots: torch.Tensor | None) -> torch.Tensor:
         """Next tokens for rows of ``logits``; ``seqs[i]`` is row i's sequence (None: an idle slot)."""
         live = [s for s in seqs if s is not None]
         if any(s.params.repetition_penalty != 1.0 for s in live):
-            pen = torch.tensor([s.params.repetition_penalty if s else 1.0 for s in seqs], device=logits.device)
+            pen = self._tensor([s.params.repetition_penalty if s else 1.0 for s in seqs])
             seen = self.seen[slots] if slots is not None else self.seen[: len(seqs)]
             penalized = torch.where(logits > 0, logits / pen[:, None], logits * pen[:, None])
             logits = torch.where(seen, penalized, logits)
         greedy = logits.argmax(-1)
         if not any(s.params.temperature > 0 for s in live):
             return greedy
-        temp = torch.tensor([s.params.temperature if s and s.params.temperature > 0 else 1.0 for s in seqs],
-                            device=logits.device)
+        temp = self._tensor([s.params.temperature if s and s.params.temperature > 0 else 1.0 for s in seqs])
         probs = torch.softmax(logits / temp[:, None], dim=-1)
         if any(s.params.top_p < 1.0 for s in live):
-            top_p = torch.tensor([s.params.top_p if s else 1.0 for s in seqs], device=logits.device)
+            top_p = self._tensor([s.params.top_p if s else 1.0 for s in seqs])
             sorted_p, order = probs.sort(dim=-1, descending=True)
             drop = (sorted_p.cumsum(-1) - sorted_p) > top_p[:, None]  # keep the smallest set reaching top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
@@ -330,13 +392,13 @@ class Engine:
             if s is not None and s.generator is not None:
                 noise[i] = torch.empty(probs.shape[-1], device=probs.device).exponential_(generator=s.generator)
         sampled = (probs / noise).argmax(-1)  # exponential race: a draw from probs
-        hot = torch.tensor([bool(s and s.params.temperature > 0) for s in seqs], device=logits.device)
+        hot = self._tensor([bool(s and s.params.temperature > 0) for s in seqs])
         return torch.where(hot, sampled, greedy)
 
     # ------------------------------------------------------------------ the loop
 
-    def _admit(self) -> list[tuple[Sequence, torch.Tensor]]:
-        """Prefill waiting requests into free slots; returns (sequence, first token on the device)."""
+    def _admit(self) -> tuple[list[Sequence | None], torch.Tensor] | None:
+        """Prefill waiting requests into free slots; returns the sequences and their first tokens (on the device)."""
         with self.cv:
             free = [s for s in range(self.slots) if s not in self.active]
             take = []
@@ -349,26 +411,36 @@ class Engine:
                 self.active[seq.slot] = seq
                 take.append(seq)
         if not take:
-            return []
-        width = max(len(s.prompt) for s in take)
-        ids = torch.tensor([s.prompt + [0] * (width - len(s.prompt)) for s in take], device=self.device)
-        lengths = torch.tensor([len(s.prompt) for s in take], device=self.device)
-        slots = torch.tensor([s.slot for s in take], device=self.device)
-        logits = self.dec.prefill(ids, lengths, slots)
+            return None
+        slots = self._tensor([s.slot for s in take])
+        lengths = self._tensor([len(s.prompt) for s in take])
         if any(s.params.repetition_penalty != 1.0 for s in take):
             self.seen[slots] = False
             for s in take:
-                self.seen[s.slot, torch.tensor(s.prompt, device=self.device)] = True
-        first = self._sample(logits, take, slots)
+                self.seen[s.slot, self._tensor(s.prompt)] = True
+        if self.graphs_on:  # one graph replay per prompt, padded to its length bucket
+            firsts = []
+            for s in take:
+                n = len(s.prompt)
+                self.pf_buf[: n].copy_(self._tensor(s.prompt))
+                self.pf_buf[self.max_len:].copy_(self._tensor([n, s.slot]))
+                g, logits = self.prefill_graphs[self._bucket(self.prefill_buckets, n)]
+                g.replay()
+                firsts.append(self._sample(logits, [s], slots[len(firsts):len(firsts) + 1]))
+            first = torch.cat(firsts)
+        else:  # one eager forward over the right-padded prompts
+            width = max(len(s.prompt) for s in take)
+            ids = self._tensor([s.prompt + [0] * (width - len(s.prompt)) for s in take])
+            first = self._sample(self.dec.prefill(ids, lengths, slots), take, slots)
         self.ids[slots] = first
         self.pos[slots] = lengths
         self.seen[slots, first] = True
         for s in take:
             self.pos_host[s.slot] = len(s.prompt)
-        return list(zip(take, first, strict=True))
+        return take, first
 
-    def _launch(self) -> tuple[list[Sequence | None], torch.Tensor, int] | None:
-        """One decode step over the slots in use (eagerly queued on the device; nothing waits for it)."""
+    def _launch(self) -> tuple[list[Sequence | None], torch.Tensor] | None:
+        """One decode step over the slots in use (queued on the device; nothing waits for it)."""
         if not self.active:
             return None
         top = max(self.active) + 1
@@ -379,53 +451,60 @@ class Engine:
         nxt = self._sample(logits, seqs, None)
         self.ids[:b] = nxt
         self.pos[:b] = torch.clamp(self.pos[:b] + 1, max=self.max_len - 1)
-        self.seen[self.dec.arange[:b], nxt] = True
+        if any(s.params.repetition_penalty != 1.0 for s in self.active.values()):
+            self.seen[self.dec.arange[:b], nxt] = True
         for s in self.active:
             self.pos_host[s] += 1
-        return seqs, nxt, b
+        return seqs, nxt
 
-    def _to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def _to_host(self, seqs: list[Sequence | None], tokens: torch.Tensor):
+        """Queue the copy of ``tokens`` to the host; returns (seqs, host tensor, event to wait on)."""
         n = tokens.shape[0]
         if self.device.type != "cuda":
-            return tokens.clone(), None
-        self.pinned[:n].copy_(tokens, non_blocking=True)
+            return seqs, tokens.clone(), None
+        buf = self.pinned[self.turn % len(self.pinned)][:n]
+        self.turn += 1
+        buf.copy_(tokens, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        return self.pinned[:n], ev
+        return seqs, buf, ev
 
     def _loop(self) -> None:
+        """Admit, launch a step, then hand out all but the newest queued work: the device always has the
+        next step queued while the host hands out tokens and decides who finished."""
         torch.set_grad_enabled(False)
-        pending: tuple[list[Sequence | None], list[int]] | None = None
+        queued: deque = deque()  # (seqs, host tokens, event) in device order: prefills and decode steps
+        last = time.perf_counter()
         try:
             with torch.inference_mode():
                 while True:
                     with self.cv:
-                        while not self.stopped and not self.waiting and not self.active and pending is None:
+                        while not self.stopped and not self.waiting and not self.active and not queued:
                             self.cv.wait()
                         if self.stopped:
                             break
                     admitted = self._admit()
-                    if admitted:
-                        seqs = [s for s, _ in admitted]
-                        firsts = torch.stack([t for _, t in admitted])
-                        host, ev = self._to_host(firsts)
+                    if admitted is not None:
+                        queued.append(self._to_host(*admitted))
+                    launched = self._launch()
+                    if launched is not None:
+                        queued.append(self._to_host(*launched))
+                    keep = self.PIPELINE - 1 if launched is not None else 0
+                    while len(queued) > keep:
+                        seqs, host, ev = queued.popleft()
                         if ev is not None:
                             ev.synchronize()
                         self._hand_out(seqs, host.tolist())
-                    t0 = time.perf_counter()
-                    launched = self._launch()
-                    if pending is not None:
-                        self._hand_out(*pending)
-                        pending = None
                     if launched is not None:
-                        seqs, nxt, b = launched
-                        host, ev = self._to_host(nxt)
-                        if ev is not None:
-                            ev.synchronize()
-                        pending = (seqs, host.tolist())
-                        self.steps.append((sum(s is not None for s in seqs), time.perf_counter() - t0))
-                if pending is not None:
-                    self._hand_out(*pending)
+                        now = time.perf_counter()
+                        self.steps.append((sum(s is not None for s in launched[0]), now - last))
+                        last = now
+                    else:
+                        last = time.perf_counter()
+                for seqs, host, ev in queued:
+                    if ev is not None:
+                        ev.synchronize()
+                    self._hand_out(seqs, host.tolist())
         except Exception as e:  # noqa: BLE001 (every request waiting on the engine gets the error)
             log.exception("decode engine failed")
             with self.cv:

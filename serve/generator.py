@@ -133,7 +133,8 @@ class TextGenerator:
         max_len = min(self.max_positions, self.spec.max_input_length + self.spec.max_tokens_limit)
         try:
             return Engine(self.model, self.tokenizer, slots=self.spec.max_batch_size, max_len=max_len,
-                          cuda_graphs=self.spec.cuda_graphs and self.device.type == "cuda")
+                          cuda_graphs=self.spec.cuda_graphs and self.device.type == "cuda",
+                          use_kernels=None if self.spec.kernels else False)
         except EngineUnsupported as e:
             logging.getLogger(__name__).warning("model %s: %s; serving through generate", self.spec.name, e)
             return None

@@ -31,6 +31,7 @@ class ModelSpec(BaseModel):
         "continuous", description="continuous: the decode engine (serve/engine.py; max_batch_size slots); "
                                   "generate: transformers' generate over dynamic batches")
     cuda_graphs: bool = Field(True, description="capture the engine's decode step in CUDA graphs on a GPU")
+    kernels: bool = Field(True, description="the engine's Triton decode step where Triton runs (a GPU)")
     autoscaling: dict[str, Any] = Field(default_factory=lambda: {"min_replicas": 1, "max_replicas": 1})
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
