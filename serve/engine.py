@@ -114,6 +114,7 @@ class _Decoder:
             hasattr(m, "variance_epsilon") for ly in self.layers for m in (ly.input_layernorm,
                                                                           ly.post_attention_layernorm))
         self.kernels = (kernels.available(self.device) if use_kernels is None else use_kernels) and fusable
+        self.attention: dict[str, int] = {}  # decode_attention's block/chunk/warps (its defaults unless set)
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -198,7 +199,7 @@ class _Decoder:
         for i, layer in enumerate(self.layers):
             q = kernels.rope_cache(F.linear(x, *self.qkv[i]), self.cos, self.sin, pos, self.k[i], self.v[i],
                                    self.heads, self.kv_heads)
-            o = kernels.decode_attention(q, self.k[i], self.v[i], pos)
+            o = kernels.decode_attention(q, self.k[i], self.v[i], pos, **self.attention)
             x = kernels.add_rms_norm(h, layer.self_attn.o_proj(o.view(b, -1)), norms[i].weight,
                                      norms[i].variance_epsilon)
             up = kernels.silu_mul(F.linear(x, *self.gate_up[i]))

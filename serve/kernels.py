@@ -89,6 +89,61 @@ if triton is not None:
         tl.store(out + (b * H + h) * D + d, (acc / total).to(out.dtype.element_ty))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _attention_part_kernel(q, k_cache, v_cache, pos, part, stats, scale,
+                               s_cb, s_ch, s_ct,
+                               H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                               CHUNK: tl.constexpr, SPLITS: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        n = tl.load(pos + b) + 1
+        first = sp * CHUNK
+        if first < n:
+            d = tl.arange(0, D)
+            qv = tl.load(q + (b * H + h) * D + d).to(tl.float32) * scale
+            base = b * s_cb + (h // GROUP) * s_ch
+            m = tl.full([], float("-inf"), tl.float32)
+            total = tl.full([], 0.0, tl.float32)
+            acc = tl.zeros([D], dtype=tl.float32)
+            for start in range(first, tl.minimum(first + CHUNK, n), BLOCK):
+                t = start + tl.arange(0, BLOCK)
+                valid = t < n
+                offs = base + t[:, None] * s_ct + d[None, :]
+                k = tl.load(k_cache + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                s = tl.where(valid, tl.sum(k * qv[None, :], axis=1), float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=0))
+                p = tl.exp(s - m_new)
+                alpha = tl.exp(m - m_new)
+                v = tl.load(v_cache + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+                acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+                total = total * alpha + tl.sum(p, axis=0)
+                m = m_new
+            row = (b * H + h) * SPLITS + sp
+            tl.store(part + row * D + d, acc)
+            tl.store(stats + row * 2, m)
+            tl.store(stats + row * 2 + 1, total)
+
+    @triton.jit
+    def _attention_merge_kernel(part, stats, pos, out, H: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                                SPLITS: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        used = tl.cdiv(tl.load(pos + b) + 1, CHUNK)
+        sp = tl.arange(0, SPLITS)
+        ok = sp < used
+        row = (b * H + h) * SPLITS + sp
+        m = tl.load(stats + row * 2, mask=ok, other=float("-inf"))
+        total = tl.load(stats + row * 2 + 1, mask=ok, other=0.0)
+        w = tl.where(ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
+        d = tl.arange(0, D)
+        acc = tl.load(part + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.sum(total * w, axis=0)
+        tl.store(out + (b * H + h) * D + d, o.to(out.dtype.element_ty))
+
+
 def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
     """Rotate q and k of ``qkv`` [B, (H + 2 KVH) * D] at positions ``pos`` [B]; write k and v into row b of the
@@ -101,12 +156,26 @@ def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     block: int = 64) -> torch.Tensor:
-    """Softmax attention of ``q`` [B, H, D] (one token per row) over cache positions 0..pos[b] of row b."""
+                     block: int = 64, chunk: int | None = None, warps: int = 4) -> torch.Tensor:
+    """Softmax attention of ``q`` [B, H, D] (one token per row) over cache positions 0..pos[b] of row b.
+
+    ``chunk``: split each row's positions into chunks of this many, one program each, merged by a second
+    kernel (flash-decoding: more programs in flight when B * H is small or rows are long); None: one program
+    per (row, head) walks the whole length."""
     b, heads, d = q.shape
     out = torch.empty_like(q)
-    _decode_attention_kernel[(b, heads)](q, k_cache, v_cache, pos, out, d ** -0.5, *k_cache.stride()[:3],
-                                         H=heads, GROUP=heads // k_cache.shape[1], D=d, BLOCK=block)
+    group, strides = heads // k_cache.shape[1], k_cache.stride()[:3]
+    if chunk is None:
+        _decode_attention_kernel[(b, heads)](q, k_cache, v_cache, pos, out, d ** -0.5, *strides,
+                                             H=heads, GROUP=group, D=d, BLOCK=block, num_warps=warps)
+        return out
+    splits = triton.next_power_of_2(triton.cdiv(k_cache.shape[2], chunk))
+    part = torch.empty(b * heads * splits, d, device=q.device, dtype=torch.float32)
+    stats = torch.empty(b * heads * splits, 2, device=q.device, dtype=torch.float32)
+    _attention_part_kernel[(b, heads, splits)](q, k_cache, v_cache, pos, part, stats, d ** -0.5, *strides,
+                                               H=heads, GROUP=group, D=d, BLOCK=block, CHUNK=chunk,
+                                               SPLITS=splits, num_warps=warps)
+    _attention_merge_kernel[(b, heads)](part, stats, pos, out, H=heads, D=d, CHUNK=chunk, SPLITS=splits)
     return out
 
 
