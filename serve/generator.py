@@ -4,6 +4,7 @@ dynamic batches for adapters and other architectures, LoRA adapters by model id 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -83,6 +84,32 @@ class _Coalescer:
 MAX_ADAPTERS_PER_REPLICA = 4
 
 
+class _Wakeups:
+    """Engine events handed to the replica's event loop: one wake-up per burst (a decode step hands out a
+    token to every sequence at once) instead of one ``call_soon_threadsafe`` per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list[tuple[asyncio.Queue, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def emit(self, queue: asyncio.Queue, ev: dict[str, Any]) -> None:
+        """Called on the engine's thread."""
+        with self.lock:
+            self.pending.append((queue, ev))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
 class _LoadedAdapter:
     """What @serve.multiplexed caches for one adapter; evicting it (Serve calls ``__del__``) unloads the
     adapter's weights from the replica's model, so memory does not grow with every adapter ever asked for."""
@@ -122,6 +149,7 @@ class TextGenerator:
         self.coalescer = _Coalescer(self._run_batch, self.spec.max_batch_size)
         torch.set_grad_enabled(False)
         self.engine = self._start_engine()
+        self._wakeups: _Wakeups | None = None
 
     def _start_engine(self):
         """The continuous-batching engine for a merged model, or None (adapters, other architectures, or
@@ -163,7 +191,9 @@ class TextGenerator:
         params = Sampling(max_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
                           repetition_penalty=req["repetition_penalty"], seed=req.get("seed"),
                           stop=list(req.get("stop") or []))
-        seq = self.engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        if self._wakeups is None or self._wakeups.loop is not loop:
+            self._wakeups = _Wakeups(loop)
+        seq = self.engine.submit(ids, params, functools.partial(self._wakeups.emit, queue))
         try:
             while True:
                 ev = await queue.get()
