@@ -9,7 +9,8 @@
 2. Step time: each engine's captured decode graph replayed 50 times per batch size with the rows at
    positions spread over 200-328 (the serving bench's 200-token prompts, 128 new tokens), timed with CUDA
    events; the HBM bound counts the weights plus each row's KV cache once.
-3. The attention kernel's variants alone per batch size, and the Triton step's GPU time per kernel at 32.
+3. The packed prefill graph for 1-8 prompts of 200 tokens; the attention kernel's variants alone per batch
+   size; the Triton step's GPU time per kernel at 32.
 Writes bench/results/engine_check[_TAG].json.
 """
 
@@ -55,9 +56,11 @@ def main() -> None:
         n = 8
         lengths = torch.randint(100, 300, (n,), device=dev)
         ids = torch.randint(0, model.config.vocab_size, (n, 300), device=dev)
-        first = {k: e.dec.prefill(ids, lengths, torch.arange(n, device=dev)) for k, e in engines.items()}
+        prompts = [ids[i, :lengths[i]].tolist() for i in range(n)]
+        first = {k: e.dec.prefill(*e.dec.unpack(e.dec.pack(prompts, list(range(n))).to(dev), int(lengths.sum())))
+                 for k, e in engines.items()}
         pos, cur = lengths.clone(), first["sdpa"].argmax(-1)
-        fed, logits = [], {k: [] for k in engines}
+        fed, logits = [], {k: [first[k]] for k in engines}
         for _ in range(32):
             fed.append(cur)
             for k, e in engines.items():
@@ -65,9 +68,9 @@ def main() -> None:
             cur, pos = logits["sdpa"][-1].argmax(-1), pos + 1
         fed = torch.stack(fed, 1)  # [n, 32]
         # transformers' own forward over prompt + fed tokens: the reference both decoders are compared with
-        ref = torch.stack([model(torch.cat([ids[i, :lengths[i]], fed[i]])[None]).logits[0, -32:].float()
+        ref = torch.stack([model(torch.cat([ids[i, :lengths[i]], fed[i]])[None]).logits[0, -33:].float()
                            for i in range(n)], 1)  # [32, n, vocab]
-        out["agreement"] = {"steps": 32, "rows": n}
+        out["agreement"] = {"steps": 33, "rows": n, "note": "step 0: the packed prefill's logits"}
         for k in engines:
             got = torch.stack(logits[k])
             spread = (ref.amax(-1) - ref.amin(-1))[..., None]
@@ -109,11 +112,39 @@ def main() -> None:
                 row["hbm_bound_ms"] = round((weights + kv) / peak * 1e3, 3)
             out["steps"].append(row)
             print(json.dumps(row), flush=True)
+        out["prefill"] = prefill_times(engines["triton"])
         out["attention_variants"] = attention_variants(engines["triton"], args.batches)
         out["profile_b32"] = profile(engines["triton"], min(32, slots))
     path = ROOT / "bench" / "results" / f"engine_check{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print("wrote", path.relative_to(ROOT))
+
+
+def prefill_times(engine) -> list[dict]:
+    """The prefill graph's time for 1, 2, 4 and 8 prompts of 200 tokens packed together."""
+    import torch
+
+    rows = []
+    for k in (1, 2, 4, 8):
+        width = engine._bucket(engine.prefill_buckets, 200 * k)
+        if 200 * k > engine.max_len:
+            break
+        buf = engine.dec.pack([[1] * 200] * k, list(range(k)), width, engine.PACK)
+        engine.pf_buf[:buf.shape[0]].copy_(buf)
+        g, _ = engine.prefill_graphs[width]
+        times = []
+        for _ in range(12):
+            s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            g.replay()
+            t.record()
+            t.synchronize()
+            times.append(s.elapsed_time(t))
+        ms = statistics.median(times[2:])
+        rows.append({"prompts": k, "tokens": 200 * k, "bucket": width, "ms": round(ms, 2),
+                     "ms_per_prompt": round(ms / k, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def attention_variants(engine, batches: list[int]) -> list[dict]:

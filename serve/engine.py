@@ -7,8 +7,9 @@ step it ends (EOS, ``max_tokens``, a stop string, or cancellation), which frees 
 On a GPU the decode step is captured in CUDA graphs, one per batch bucket: a step is one graph replay plus a
 few sampling kernels, with no host sync inside. With Triton (``serve/kernels.py``) each row's attention reads
 only its own cache length and rotary, the cache write, residual adds, norms and SiLU are fused; without it,
-the step uses SDPA over a padded span and gets one graph per (batch, span) bucket. Each prompt's prefill is
-one graph replay too, padded to a length bucket. The engine thread keeps the device one step ahead of the
+the step uses SDPA over a padded span and gets one graph per (batch, span) bucket. Prompts admitted together
+are prefilled packed into one sequence (each attends only to itself): one graph replay padded to a length
+bucket. The engine thread keeps the device one step ahead of the
 host: it launches step k+1 from step k's tokens (which never leave the device) and only then waits for step
 k-1's tokens to hand them out and decide who finished, so Python work (and the GIL held by the server's
 other threads) overlaps the device. A sequence that ended at step k still rides along in the steps already
@@ -97,7 +98,7 @@ class _Decoder:
         self.gqa = bool(self.kv_heads != self.heads)  # a plain bool: the compiled step must not trace it
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        shape = (slots, self.kv_heads, max_len, self.head_dim)
+        shape = (slots + 1, self.kv_heads, max_len, self.head_dim)  # + a spare row for prefill padding
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         # q/k/v and gate/up as one matmul each: the modules' weights become views into the fused tensors
@@ -147,24 +148,50 @@ class _Decoder:
     def _finish(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self._norm(self.model.model.norm, h)).float()
 
-    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Right-padded prompts ``ids`` [n, T] into ``slots`` [n]; logits [n, vocab] at each last prompt token."""
-        n, t = ids.shape
-        positions = self.arange[:t].expand(n, t)
-        h = self.model.model.embed_tokens(ids)
-        gqa, rot = self.gqa, self._rotary(positions)
+    def prefill(self, ids: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+                last: torch.Tensor) -> torch.Tensor:
+        """Several prompts packed into one sequence ``ids`` [T]: token t belongs to prompt ``seg[t]``, sits at
+        position ``pos[t]`` of cache row ``slot[t]``, and attends only to earlier tokens of its own prompt.
+        Returns logits [K, vocab] at the packed indices ``last`` [K] (each prompt's last token). Padding is a
+        segment of its own writing into the spare cache row (index ``slots``), which no decode step reads."""
+        t = ids.shape[0]
+        h = self.model.model.embed_tokens(ids)[None]
+        causal = self.arange[:t][None, :] <= self.arange[:t][:, None]
+        mask = (causal & (seg[None, :] == seg[:, None]))[None, None]  # [1, 1, T, T]
+        gqa, rot = self.gqa, self._rotary(pos[None])
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = self._norm(layer.input_layernorm, h)
             q, k, v = self._qkv(i, x, rot)
-            self.k[i][slots[:, None], :, positions] = k
-            self.v[i][slots[:, None], :, positions] = v
-            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            self.k[i][slot, :, pos] = k[0]
+            self.v[i][slot, :, pos] = v[0]
+            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                                enable_gqa=gqa)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(n, t, -1))
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, -1))
             h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h))
-        last = h[torch.arange(n, device=h.device), lengths - 1]
-        return self._finish(last)
+        return self._finish(h[0, last])
+
+    def pack(self, prompts: list[list[int]], slots: list[int], width: int | None = None,
+             count: int | None = None) -> torch.Tensor:
+        """Host-side inputs of ``prefill`` for ``prompts`` into cache rows ``slots``, padded to ``width`` tokens
+        and ``count`` prompts: one int64 tensor [4 * width + count] (ids, seg, pos, slot, last)."""
+        total = sum(len(p) for p in prompts)
+        width, count = width or total, count or len(prompts)
+        ids, seg, pos, slot, last = [], [], [], [], []
+        for j, (p, s) in enumerate(zip(prompts, slots, strict=True)):
+            ids += p
+            seg += [j] * len(p)
+            pos += range(len(p))
+            slot += [s] * len(p)
+            last.append(len(ids) - 1)
+        pad = width - total
+        return torch.tensor(ids + [0] * pad + seg + [-1] * pad + pos + list(range(pad)) + slot + [self.slots] * pad
+                            + last + [0] * (count - len(prompts)))
+
+    @staticmethod
+    def unpack(buf: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+        """``prefill``'s arguments as views of a packed buffer (see ``pack``)."""
+        return tuple(buf[i * width:(i + 1) * width] for i in range(4)) + (buf[4 * width:],)
 
     def decode(self, ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
         """One token for slots 0..B-1 (``ids``/``pos`` [B]); attention reads the first ``span`` cache positions
@@ -239,6 +266,7 @@ class Engine:
     """
 
     PIPELINE = 2  # decode steps queued on the device while the host hands out tokens
+    PACK = 8  # the most prompts prefilled together in one packed forward
 
     def __init__(self, model, tokenizer, slots: int = 8, max_len: int = 1024, cuda_graphs: bool | None = None,
                  compile_step: bool = False, use_kernels: bool | None = None):
@@ -263,8 +291,8 @@ class Engine:
         self.ids = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)  # repetition penalty
-        # one prefill's inputs (prompt, length, slot) in one device buffer: a single copy per request
-        self.pf_buf = torch.zeros(max_len + 2, dtype=torch.long, device=self.device)
+        # a prefill's packed inputs (``_Decoder.pack``) in one device buffer: a single copy per prefill
+        self.pf_buf = torch.zeros(4 * max_len + self.PACK, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pin = self.device.type == "cuda"
@@ -311,9 +339,9 @@ class Engine:
     def _bucket(self, buckets: list[int], n: int) -> int:
         return next(b for b in buckets if b >= n)
 
-    def _prefill_inputs(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views of the prefill buffer: ids [1, t], length [1], slot [1]."""
-        return self.pf_buf[:t][None], self.pf_buf[self.max_len:self.max_len + 1], self.pf_buf[self.max_len + 1:]
+    def _prefill_inputs(self, t: int) -> tuple[torch.Tensor, ...]:
+        """The prefill graph's inputs for ``t`` packed tokens: views of the prefill buffer."""
+        return self.dec.unpack(self.pf_buf[:4 * t + self.PACK], t)
 
     def _capture(self) -> None:
         t0 = time.perf_counter()
@@ -419,26 +447,39 @@ class Engine:
             self.seen[slots] = False
             for s in take:
                 self.seen[s.slot, self._tensor(s.prompt)] = True
-        if self.graphs_on:  # one graph replay per prompt, padded to its length bucket
-            firsts = []
-            for s in take:
-                n = len(s.prompt)
-                self.pf_buf[: n].copy_(self._tensor(s.prompt))
-                self.pf_buf[self.max_len:].copy_(self._tensor([n, s.slot]))
-                g, logits = self.prefill_graphs[self._bucket(self.prefill_buckets, n)]
-                g.replay()
-                firsts.append(self._sample(logits, [s], slots[len(firsts):len(firsts) + 1]))
-            first = torch.cat(firsts)
-        else:  # one eager forward over the right-padded prompts
-            width = max(len(s.prompt) for s in take)
-            ids = self._tensor([s.prompt + [0] * (width - len(s.prompt)) for s in take])
-            first = self._sample(self.dec.prefill(ids, lengths, slots), take, slots)
+        first = torch.cat([self._prefill(group) for group in self._packs(take)])
         self.ids[slots] = first
         self.pos[slots] = lengths
         self.seen[slots, first] = True
         for s in take:
             self.pos_host[s.slot] = len(s.prompt)
         return take, first
+
+    def _packs(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Consecutive groups of at most PACK prompts and ``max_len`` tokens: one prefill each."""
+        out: list[list[Sequence]] = []
+        for s in seqs:
+            if out and len(out[-1]) < self.PACK and sum(len(x.prompt) for x in out[-1]) + len(s.prompt) <= self.max_len:
+                out[-1].append(s)
+            else:
+                out.append([s])
+        return out
+
+    def _prefill(self, group: list[Sequence]) -> torch.Tensor:
+        """Prefill ``group`` packed in one forward (a graph replay padded to a length bucket on a GPU); returns
+        their first tokens on the device."""
+        prompts, rows = [s.prompt for s in group], [s.slot for s in group]
+        slots = self._tensor(rows)
+        if self.graphs_on:
+            width = self._bucket(self.prefill_buckets, sum(len(p) for p in prompts))
+            buf = self.dec.pack(prompts, rows, width, self.PACK)
+            self.pf_buf[:buf.shape[0]].copy_(buf.pin_memory(), non_blocking=True)
+            g, logits = self.prefill_graphs[width]
+            g.replay()
+        else:
+            logits = self.dec.prefill(*self.dec.unpack(self.dec.pack(prompts, rows).to(self.device),
+                                                       sum(len(p) for p in prompts)))
+        return self._sample(logits[:len(group)], group, slots)
 
     def _launch(self) -> tuple[list[Sequence | None], torch.Tensor] | None:
         """One decode step over the slots in use (queued on the device; nothing waits for it)."""

@@ -160,3 +160,23 @@ def test_seeded_sampling_repeats_whatever_the_batch(lm, engine):
         oc.result()
     with pytest.raises(ValueError, match="exceeds the engine's 128 positions"):
         engine.submit(ps[0], Sampling(max_tokens=128), Collector())
+
+
+def test_packed_prefill_equals_each_prompt_alone(lm):
+    """Prompts packed into one prefill (each attending only to itself, padding in the spare row) give the same
+    logits and KV cache as each prompt prefilled alone."""
+    from serve.engine import _Decoder
+
+    model, tok = lm
+    ps = prompts(tok, 3)
+    with torch.no_grad():
+        packed = _Decoder(model, slots=3, max_len=64, use_kernels=False)
+        width = sum(len(p) for p in ps) + 5
+        together = packed.prefill(*packed.unpack(packed.pack(ps, [2, 0, 1], width=width, count=5), width))
+        alone = _Decoder(model, slots=3, max_len=64, use_kernels=False)
+        for j, (p, slot) in enumerate(zip(ps, [2, 0, 1], strict=True)):
+            one = alone.prefill(*alone.unpack(alone.pack([p], [slot]), len(p)))
+            assert torch.allclose(together[j], one[0], atol=1e-5)
+            for cache_a, cache_b in zip(packed.k + packed.v, alone.k + alone.v, strict=True):
+                assert torch.allclose(cache_a[slot, :, :len(p)], cache_b[slot, :, :len(p)], atol=1e-5)
+    assert together.shape[0] == 5  # padded to the graph's prompt count

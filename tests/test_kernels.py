@@ -27,8 +27,9 @@ SCRIPT = textwrap.dedent("""
         assert fast.kernels and not slow.kernels and fast.gqa
         lengths = torch.tensor([5, 1, 11])
         ids = torch.randint(0, 97, (3, 11))
+        prompts = [ids[i, :lengths[i]].tolist() for i in range(3)]
         for dec in (fast, slow):
-            dec.prefill(ids, lengths, torch.arange(3))
+            dec.prefill(*dec.unpack(dec.pack(prompts, [0, 1, 2], width=20, count=4), 20))  # padded packing
         pos, tok, worst = lengths.clone(), ids[torch.arange(3), lengths - 1], 0.0
         for _ in range(6):
             a, b = fast.decode(tok, pos, 64), slow.decode(tok, pos, 64)
