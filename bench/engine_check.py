@@ -120,8 +120,23 @@ def main() -> None:
     print("wrote", path.relative_to(ROOT))
 
 
+def graph_ms(g) -> float:
+    import torch
+
+    times = []
+    for _ in range(12):
+        s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        t.record()
+        t.synchronize()
+        times.append(s.elapsed_time(t))
+    return statistics.median(times[2:])
+
+
 def prefill_times(engine) -> list[dict]:
-    """The prefill graph's time for 1, 2, 4 and 8 prompts of 200 tokens packed together."""
+    """The prefill graph's time for 1, 2, 4 and 8 prompts of 200 tokens packed together; then one prompt of 200
+    riding in a decode step of 32 rows (the mixed graph) against the two apart."""
     import torch
 
     rows = []
@@ -131,19 +146,21 @@ def prefill_times(engine) -> list[dict]:
             break
         buf = engine.dec.pack([[1] * 200] * k, list(range(k)), width, engine.PACK)
         engine.pf_buf[:buf.shape[0]].copy_(buf)
-        g, _ = engine.prefill_graphs[width]
-        times = []
-        for _ in range(12):
-            s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            g.replay()
-            t.record()
-            t.synchronize()
-            times.append(s.elapsed_time(t))
-        ms = statistics.median(times[2:])
+        ms = graph_ms(engine.prefill_graphs[width][0])
         rows.append({"prompts": k, "tokens": 200 * k, "bucket": width, "ms": round(ms, 2),
                      "ms_per_prompt": round(ms / k, 2)})
         print(json.dumps(rows[-1]), flush=True)
+    b = min(32, engine.slots)
+    engine.pos[:b] = torch.linspace(200, 327, b, device=engine.device).long()
+    width = engine._bucket(engine.mixed_buckets, 200)
+    buf = engine.dec.pack([[1] * 200], [engine.slots], width, engine.PACK)  # into the spare row
+    engine.pf_buf[:buf.shape[0]].copy_(buf)
+    mixed = graph_ms(engine.mixed_graphs[(b, width)][0])
+    decode = graph_ms(engine.graphs[(b, engine.span_buckets[-1])][0])
+    alone = graph_ms(engine.prefill_graphs[engine._bucket(engine.prefill_buckets, 200)][0])
+    rows.append({"mixed_rows": b, "prompt_tokens": 200, "mixed_ms": round(mixed, 2), "decode_ms": round(decode, 2),
+                 "prefill_ms": round(alone, 2), "saved_ms": round(decode + alone - mixed, 2)})
+    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

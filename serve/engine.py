@@ -129,8 +129,12 @@ class _Decoder:
 
     def _qkv(self, i: int, h: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]):
         """h [n, T, hidden] -> q [n, H, T, d], k/v [n, T, kvh, d] (q and k rotated together)."""
-        n, t, _ = h.shape
-        qkv = F.linear(h, *self.qkv[i]).view(n, t, self.heads + 2 * self.kv_heads, self.head_dim)
+        return self._split(F.linear(h, *self.qkv[i]), rot)
+
+    def _split(self, qkv: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]):
+        """The fused projection's output [n, T, (H + 2 kvh) d] -> rotated q [n, H, T, d], k and v [n, T, kvh, d]."""
+        n, t = qkv.shape[:2]
+        qkv = qkv.view(n, t, self.heads + 2 * self.kv_heads, self.head_dim)
         qk = self._rope(qkv[:, :, : self.heads + self.kv_heads], *rot)
         q, k = qk[:, :, : self.heads], qk[:, :, self.heads:]
         return q.transpose(1, 2), k, qkv[:, :, self.heads + self.kv_heads:]
@@ -154,22 +158,56 @@ class _Decoder:
         position ``pos[t]`` of cache row ``slot[t]``, and attends only to earlier tokens of its own prompt.
         Returns logits [K, vocab] at the packed indices ``last`` [K] (each prompt's last token). Padding is a
         segment of its own writing into the spare cache row (index ``slots``), which no decode step reads."""
-        t = ids.shape[0]
         h = self.model.model.embed_tokens(ids)[None]
-        causal = self.arange[:t][None, :] <= self.arange[:t][:, None]
-        mask = (causal & (seg[None, :] == seg[:, None]))[None, None]  # [1, 1, T, T]
-        gqa, rot = self.gqa, self._rotary(pos[None])
+        mask, rot = self._packed_mask(seg), self._rotary(pos[None])
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = self._norm(layer.input_layernorm, h)
-            q, k, v = self._qkv(i, x, rot)
-            self.k[i][slot, :, pos] = k[0]
-            self.v[i][slot, :, pos] = v[0]
-            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                               enable_gqa=gqa)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, -1))
+            o = self._packed_attention(i, F.linear(x, *self.qkv[i]), rot, mask, pos, slot)
+            h = h + attn.o_proj(o)
             h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h))
         return self._finish(h[0, last])
+
+    @staticmethod
+    def _packed_mask(seg: torch.Tensor) -> torch.Tensor:
+        """[1, 1, T, T]: token i sees token j when j <= i within the same prompt."""
+        idx = torch.arange(seg.shape[0], device=seg.device)
+        return ((idx[None, :] <= idx[:, None]) & (seg[None, :] == seg[:, None]))[None, None]
+
+    def _packed_attention(self, i: int, qkv: torch.Tensor, rot, mask: torch.Tensor, pos: torch.Tensor,
+                          slot: torch.Tensor) -> torch.Tensor:
+        """Packed prompt tokens' q/k/v [1, T, N]: rotate, write k/v to the cache, attend within each prompt;
+        returns [1, T, H d]."""
+        q, k, v = self._split(qkv, rot)
+        self.k[i][slot, :, pos] = k[0]
+        self.v[i][slot, :, pos] = v[0]
+        o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           enable_gqa=self.gqa)
+        return o.transpose(1, 2).reshape(1, qkv.shape[1], -1)
+
+    def mixed(self, ids: torch.Tensor, pos: torch.Tensor, pf_ids: torch.Tensor, seg: torch.Tensor,
+              pf_pos: torch.Tensor, slot: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """A decode step for rows 0..B-1 (``ids``/``pos`` as ``decode``) and a packed prefill (as ``prefill``) in
+        one forward: the matmuls read each weight once for both. The Triton path only. Returns logits
+        [B + K, vocab]: the B decode rows, then each packed prompt's last token."""
+        b = ids.shape[0]
+        h = self.model.model.embed_tokens(torch.cat([ids, pf_ids]))  # [B + T, hidden]
+        x = self._norm(self.layers[0].input_layernorm, h)
+        mask, rot = self._packed_mask(seg), self._rotary(pf_pos[None])
+        norms = [ly.post_attention_layernorm for ly in self.layers]
+        following = [ly.input_layernorm for ly in self.layers[1:]] + [self.model.model.norm]
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(x, *self.qkv[i])
+            # decode rows first: a freed row riding along must not overwrite the new prompt's cache entries
+            q = kernels.rope_cache(qkv[:b], self.cos, self.sin, pos, self.k[i], self.v[i], self.heads,
+                                   self.kv_heads)
+            o_prompt = self._packed_attention(i, qkv[b:][None], rot, mask, pf_pos, slot)[0]
+            o_rows = kernels.decode_attention(q, self.k[i], self.v[i], pos, **self.attention).view(b, -1)
+            x = kernels.add_rms_norm(h, layer.self_attn.o_proj(torch.cat([o_rows, o_prompt])), norms[i].weight,
+                                     norms[i].variance_epsilon)
+            up = kernels.silu_mul(F.linear(x, *self.gate_up[i]))
+            x = kernels.add_rms_norm(h, layer.mlp.down_proj(up), following[i].weight, following[i].variance_epsilon)
+        return self.model.lm_head(torch.cat([x[:b], x[b + last]])).float()
 
     def pack(self, prompts: list[list[int]], slots: list[int], width: int | None = None,
              count: int | None = None) -> torch.Tensor:
@@ -267,6 +305,7 @@ class Engine:
 
     PIPELINE = 2  # decode steps queued on the device while the host hands out tokens
     PACK = 8  # the most prompts prefilled together in one packed forward
+    MIX_TOKENS = 512  # the most prompt tokens that ride in one decode step (the kernel path)
 
     def __init__(self, model, tokenizer, slots: int = 8, max_len: int = 1024, cuda_graphs: bool | None = None,
                  compile_step: bool = False, use_kernels: bool | None = None):
@@ -287,6 +326,7 @@ class Engine:
         self.span_buckets = [max_len] if self.dec.kernels else _buckets(max_len, min(256, max_len))
         grain = 32 * -(-max_len // (32 * 32))  # prompt-length buckets of the prefill graphs: at most 32
         self.prefill_buckets = sorted({min(n, max_len) for n in range(grain, max_len + grain, grain)})
+        self.mixed_buckets = sorted({min(n, max_len) for n in range(64, self.MIX_TOKENS + 1, 64)})
         # decode inputs live on the device between steps: the next step reads the last step's tokens there
         self.ids = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -295,6 +335,7 @@ class Engine:
         self.pf_buf = torch.zeros(4 * max_len + self.PACK, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mixed_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pin = self.device.type == "cuda"
         self.pinned = [torch.zeros(slots, dtype=torch.long, pin_memory=pin) for _ in range(4 * self.PIPELINE)]
         self.turn = 0
@@ -304,6 +345,7 @@ class Engine:
         self.cv = threading.Condition()
         self.stopped = False
         self.steps: deque[tuple[int, float]] = deque(maxlen=2000)  # (batch size, seconds) per decode step
+        self.mixed_steps = 0  # decode steps that carried a prefill
         if self.graphs_on:
             self._capture()
         self.thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
@@ -378,9 +420,15 @@ class Engine:
                 for b in reversed(self.batch_buckets):
                     self.graphs[(b, span)] = capture(lambda b=b, span=span: self.step(self.ids[:b], self.pos[:b],
                                                                                        span))
+            if self.dec.kernels:  # a decode step with a packed prefill riding along, per (batch, width) bucket
+                for t in reversed(self.mixed_buckets):
+                    for b in reversed(self.batch_buckets):
+                        self.mixed_graphs[(b, t)] = capture(
+                            lambda b=b, t=t: self.dec.mixed(self.ids[:b], self.pos[:b], *self._prefill_inputs(t)))
         torch.cuda.synchronize()
-        log.info("decode engine: %d decode and %d prefill CUDA graphs captured in %.1f s (Triton step: %s)",
-                 len(self.graphs), len(self.prefill_graphs), time.perf_counter() - t0, self.dec.kernels)
+        log.info("decode engine: %d decode, %d prefill and %d mixed CUDA graphs captured in %.1f s (Triton step: %s)",
+                 len(self.graphs), len(self.prefill_graphs), len(self.mixed_graphs), time.perf_counter() - t0,
+                 self.dec.kernels)
 
     def _decode_logits(self, b: int, span: int) -> torch.Tensor:
         if self.graphs_on:
@@ -426,8 +474,8 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
-    def _admit(self) -> tuple[list[Sequence | None], torch.Tensor] | None:
-        """Prefill waiting requests into free slots; returns the sequences and their first tokens (on the device)."""
+    def _take(self) -> list[Sequence]:
+        """Waiting requests assigned to free slots (and registered as active)."""
         with self.cv:
             free = [s for s in range(self.slots) if s not in self.active]
             take = []
@@ -439,65 +487,112 @@ class Engine:
                 seq.slot = free.pop(0)
                 self.active[seq.slot] = seq
                 take.append(seq)
-        if not take:
-            return None
-        slots = self._tensor([s.slot for s in take])
-        lengths = self._tensor([len(s.prompt) for s in take])
-        if any(s.params.repetition_penalty != 1.0 for s in take):
-            self.seen[slots] = False
-            for s in take:
-                self.seen[s.slot, self._tensor(s.prompt)] = True
-        first = torch.cat([self._prefill(group) for group in self._packs(take)])
-        self.ids[slots] = first
-        self.pos[slots] = lengths
-        self.seen[slots, first] = True
-        for s in take:
-            self.pos_host[s.slot] = len(s.prompt)
-        return take, first
+        return take
 
-    def _packs(self, seqs: list[Sequence]) -> list[list[Sequence]]:
-        """Consecutive groups of at most PACK prompts and ``max_len`` tokens: one prefill each."""
+    def _packs(self, seqs: list[Sequence], limit: int) -> list[list[Sequence]]:
+        """Consecutive groups of at most PACK prompts and ``limit`` tokens: one prefill each."""
         out: list[list[Sequence]] = []
         for s in seqs:
-            if out and len(out[-1]) < self.PACK and sum(len(x.prompt) for x in out[-1]) + len(s.prompt) <= self.max_len:
+            if out and len(out[-1]) < self.PACK and sum(len(x.prompt) for x in out[-1]) + len(s.prompt) <= limit:
                 out[-1].append(s)
             else:
                 out.append([s])
         return out
 
+    def _packed(self, group: list[Sequence], buckets: list[int]) -> tuple[int, tuple[torch.Tensor, ...]]:
+        """``group``'s packed prompt inputs: with graphs, copied into the prefill buffer (returns the width
+        bucket and the buffer's views); without, on the device at their exact width."""
+        prompts, rows = [s.prompt for s in group], [s.slot for s in group]
+        total = sum(len(p) for p in prompts)
+        if not self.graphs_on:
+            return total, self.dec.unpack(self.dec.pack(prompts, rows).to(self.device), total)
+        width = self._bucket(buckets, total)
+        buf = self.dec.pack(prompts, rows, width, self.PACK)
+        self.pf_buf[:buf.shape[0]].copy_(buf.pin_memory(), non_blocking=True)
+        return width, self._prefill_inputs(width)
+
+    def _new_rows(self, group: list[Sequence]) -> torch.Tensor:
+        """The new sequences' slots on the device; their repetition-penalty rows start from their prompts."""
+        slots = self._tensor([s.slot for s in group])
+        if any(s.params.repetition_penalty != 1.0 for s in group):
+            self.seen[slots] = False
+            for s in group:
+                self.seen[s.slot, self._tensor(s.prompt)] = True
+        return slots
+
+    def _start(self, group: list[Sequence], slots: torch.Tensor, first: torch.Tensor) -> None:
+        """Newly prefilled sequences join the decode batch: first token and position on the device."""
+        self.ids[slots] = first
+        self.pos[slots] = self._tensor([len(s.prompt) for s in group])
+        self.seen[slots, first] = True
+        for s in group:
+            self.pos_host[s.slot] = len(s.prompt)
+
     def _prefill(self, group: list[Sequence]) -> torch.Tensor:
         """Prefill ``group`` packed in one forward (a graph replay padded to a length bucket on a GPU); returns
         their first tokens on the device."""
-        prompts, rows = [s.prompt for s in group], [s.slot for s in group]
-        slots = self._tensor(rows)
+        slots = self._new_rows(group)
+        width, inputs = self._packed(group, self.prefill_buckets)
         if self.graphs_on:
-            width = self._bucket(self.prefill_buckets, sum(len(p) for p in prompts))
-            buf = self.dec.pack(prompts, rows, width, self.PACK)
-            self.pf_buf[:buf.shape[0]].copy_(buf.pin_memory(), non_blocking=True)
             g, logits = self.prefill_graphs[width]
             g.replay()
         else:
-            logits = self.dec.prefill(*self.dec.unpack(self.dec.pack(prompts, rows).to(self.device),
-                                                       sum(len(p) for p in prompts)))
-        return self._sample(logits[:len(group)], group, slots)
+            logits = self.dec.prefill(*inputs)
+        first = self._sample(logits[:len(group)], group, slots)
+        self._start(group, slots, first)
+        return first
 
-    def _launch(self) -> tuple[list[Sequence | None], torch.Tensor] | None:
-        """One decode step over the slots in use (queued on the device; nothing waits for it)."""
-        if not self.active:
-            return None
-        top = max(self.active) + 1
-        b = self._bucket(self.batch_buckets, top)
-        span = self._bucket(self.span_buckets, max(self.pos_host[s] for s in self.active) + 1)
-        seqs = [self.active.get(i) for i in range(b)]
-        logits = self._decode_logits(b, span)
-        nxt = self._sample(logits, seqs, None)
+    def _rows(self, decoding: dict[int, Sequence]) -> tuple[int, int, list[Sequence | None]]:
+        """The decode step's batch bucket, span bucket, and each row's sequence (None: idle or new)."""
+        b = self._bucket(self.batch_buckets, max(decoding) + 1)
+        span = self._bucket(self.span_buckets, max(self.pos_host[s] for s in decoding) + 1)
+        return b, span, [decoding.get(i) for i in range(b)]
+
+    def _advance(self, b: int, nxt: torch.Tensor, decoding: dict[int, Sequence]) -> None:
+        """After a decode step: each row's next input token and position."""
         self.ids[:b] = nxt
         self.pos[:b] = torch.clamp(self.pos[:b] + 1, max=self.max_len - 1)
-        if any(s.params.repetition_penalty != 1.0 for s in self.active.values()):
+        if any(s.params.repetition_penalty != 1.0 for s in decoding.values()):
             self.seen[self.dec.arange[:b], nxt] = True
-        for s in self.active:
+        for s in decoding:
             self.pos_host[s] += 1
-        return seqs, nxt
+
+    def _step(self) -> tuple[list[tuple], bool]:
+        """Queue one iteration's device work: new prompts' prefills and one decode step. On the kernel path a
+        new group of prompts rides in the decode step itself (``_Decoder.mixed``). Returns the hand-out
+        entries in device order and whether a decode step was launched."""
+        decoding = dict(self.active)
+        take = self._take()
+        groups = self._packs(take, min(self.MIX_TOKENS, self.max_len) if decoding and self.dec.kernels
+                             else self.max_len)
+        entries = []
+        if decoding and groups and self.dec.kernels and sum(len(s.prompt) for s in groups[0]) <= self.mixed_buckets[-1]:
+            group = groups.pop(0)
+            self.mixed_steps += 1
+            b, _, seqs = self._rows(decoding)
+            width, inputs = self._packed(group, self.mixed_buckets)
+            if self.graphs_on:
+                g, logits = self.mixed_graphs[(b, width)]
+                g.replay()
+            else:
+                logits = self.dec.mixed(self.ids[:b], self.pos[:b], *inputs)
+            nxt = self._sample(logits[:b], seqs, None)
+            self._advance(b, nxt, decoding)
+            slots = self._new_rows(group)  # after the rows advanced: a reused slot takes the new sequence's state
+            first = self._sample(logits[b:b + len(group)], group, slots)
+            self._start(group, slots, first)
+            entries.append(self._to_host(seqs + group, torch.cat([nxt, first])))
+            entries += [self._to_host(g, self._prefill(g)) for g in groups]
+            return entries, True
+        entries += [self._to_host(g, self._prefill(g)) for g in groups]
+        if not self.active:
+            return entries, False
+        decoding = dict(self.active)
+        b, span, seqs = self._rows(decoding)
+        nxt = self._sample(self._decode_logits(b, span), seqs, None)
+        self._advance(b, nxt, decoding)
+        entries.append(self._to_host(seqs, nxt))
+        return entries, True
 
     def _to_host(self, seqs: list[Sequence | None], tokens: torch.Tensor):
         """Queue the copy of ``tokens`` to the host; returns (seqs, host tensor, event to wait on)."""
@@ -525,21 +620,17 @@ class Engine:
                             self.cv.wait()
                         if self.stopped:
                             break
-                    admitted = self._admit()
-                    if admitted is not None:
-                        queued.append(self._to_host(*admitted))
-                    launched = self._launch()
-                    if launched is not None:
-                        queued.append(self._to_host(*launched))
-                    keep = self.PIPELINE - 1 if launched is not None else 0
+                    entries, launched = self._step()
+                    queued.extend(entries)
+                    keep = self.PIPELINE - 1 if launched else 0
                     while len(queued) > keep:
                         seqs, host, ev = queued.popleft()
                         if ev is not None:
                             ev.synchronize()
                         self._hand_out(seqs, host.tolist())
-                    if launched is not None:
+                    if launched:
                         now = time.perf_counter()
-                        self.steps.append((sum(s is not None for s in launched[0]), now - last))
+                        self.steps.append((len(self.active), now - last))
                         last = now
                     else:
                         last = time.perf_counter()

@@ -1,6 +1,7 @@
 """The engine's Triton decode step (serve/kernels.py), run on the CPU by Triton's interpreter: its logits and
 KV cache match the PyTorch step's (grouped-query attention, rows of different lengths), and the engine on it
-decodes greedily token for token as transformers' generate does, alone and joining a running batch."""
+decodes greedily token for token as transformers' generate does, alone and joining a running batch (the
+joining prompts prefilled inside a decode step)."""
 
 from __future__ import annotations
 
@@ -46,28 +47,33 @@ SCRIPT = textwrap.dedent("""
 
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(sys.argv[1])
-    texts = ["The Constitution of Nepal", "Article 16: Right to live with dignity. Every person shall have",
-             "The Federal Parliament shall consist of two Houses"]
+    # the first ends first; the third, longer than the first's last position, joins into its freed slot (row 0,
+    # which rides along in that decode step while row 1 decodes)
+    texts = ["Citizenship", "The Constitution of Nepal",
+             "The Federal Parliament shall consist of two Houses, namely the House of Representatives and the "
+             "National Assembly. Article 16: Right to live with dignity"]
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     with torch.no_grad():
         refs = [model.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    eng = Engine(model, tok, slots=4, max_len=64, use_kernels=True)
+    eng = Engine(model, tok, slots=2, max_len=64, use_kernels=True)  # the third prompt reuses a freed slot
     assert eng.dec.kernels
     eng.eos = set()
     seqs, done = [], []
     for i, p in enumerate(prompts):
         ev = threading.Event()
-        seqs.append(eng.submit(p, Sampling(max_tokens=12), lambda e, ev=ev: "finish_reason" in e and ev.set()))
+        seqs.append(eng.submit(p, Sampling(max_tokens=5 if i == 0 else 12),
+                               lambda e, ev=ev: "finish_reason" in e and ev.set()))
         done.append(ev)
         if i == 0:  # the others join while the first is decoding
-            while len(seqs[0].tokens) < 3:
+            while len(seqs[0].tokens) < 2:
                 threading.Event().wait(0.01)
     for ev in done:
         assert ev.wait(120), "request never finished"
     eng.shutdown()
     for s, r in zip(seqs, refs):
-        assert s.tokens == r, (s.tokens, r)
+        assert s.tokens == r[:len(s.tokens)] and len(s.tokens) == s.params.max_tokens, (s.tokens, r)
+    assert eng.mixed_steps >= 2, "the joining prompts were to ride in a decode step"
     print("engine tokens match generate")
 """)
 
