@@ -141,9 +141,9 @@ def prefill_times(engine) -> list[dict]:
 
     rows = []
     for k in (1, 2, 4, 8):
-        width = engine._bucket(engine.prefill_buckets, 200 * k)
         if 200 * k > engine.max_len:
             break
+        width = engine._bucket(engine.prefill_buckets, 200 * k)
         buf = engine.dec.pack([[1] * 200] * k, list(range(k)), width, engine.PACK)
         engine.pf_buf[:buf.shape[0]].copy_(buf)
         ms = graph_ms(engine.prefill_graphs[width][0])

@@ -22,6 +22,7 @@ slot, and the CPU tests check it token for token against ``generate``.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -300,16 +301,20 @@ class Engine:
     ``model``: a transformers causal LM (Llama family) in eval mode on its device; ``slots``: the most
     sequences decoded together; ``max_len``: prompt + new tokens of one sequence. ``cuda_graphs``: capture the
     decode step and the prefill (default: on when the model is on a GPU); ``compile_step``: torch.compile the
-    step first; ``use_kernels``: the Triton decode step (default: on where Triton runs for the device).
+    step first; ``use_kernels``: the Triton decode step (default: on where Triton runs for the device);
+    ``pipeline``: decode steps queued on the device while the host hands out tokens; ``mix_tokens``: the most
+    prompt tokens that ride in one decode step on the kernel path (0: prefill apart); ``switch_interval_s``:
+    on a GPU, the process's GIL switch interval (Python's 5 ms default lets the server's threads hold the
+    engine thread off the GIL for a whole step; None leaves it).
     """
 
-    PIPELINE = 2  # decode steps queued on the device while the host hands out tokens
     PACK = 8  # the most prompts prefilled together in one packed forward
-    MIX_TOKENS = 512  # the most prompt tokens that ride in one decode step (the kernel path)
 
     def __init__(self, model, tokenizer, slots: int = 8, max_len: int = 1024, cuda_graphs: bool | None = None,
-                 compile_step: bool = False, use_kernels: bool | None = None):
+                 compile_step: bool = False, use_kernels: bool | None = None, pipeline: int = 2,
+                 mix_tokens: int = 512, switch_interval_s: float | None = 0.001):
         self.tokenizer = tokenizer
+        self.pipeline, self.mix_tokens = pipeline, mix_tokens
         self.eos = set(_eos_ids(model, tokenizer))
         self.slots, self.max_len = slots, max_len
         self.dec = _Decoder(model, slots, max_len, use_kernels)
@@ -326,7 +331,7 @@ class Engine:
         self.span_buckets = [max_len] if self.dec.kernels else _buckets(max_len, min(256, max_len))
         grain = 32 * -(-max_len // (32 * 32))  # prompt-length buckets of the prefill graphs: at most 32
         self.prefill_buckets = sorted({min(n, max_len) for n in range(grain, max_len + grain, grain)})
-        self.mixed_buckets = sorted({min(n, max_len) for n in range(64, self.MIX_TOKENS + 1, 64)})
+        self.mixed_buckets = sorted({min(n, max_len) for n in range(64, mix_tokens + 1, 64)})
         # decode inputs live on the device between steps: the next step reads the last step's tokens there
         self.ids = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -336,9 +341,6 @@ class Engine:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mixed_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        pin = self.device.type == "cuda"
-        self.pinned = [torch.zeros(slots, dtype=torch.long, pin_memory=pin) for _ in range(4 * self.PIPELINE)]
-        self.turn = 0
         self.waiting: deque[Sequence] = deque()
         self.active: dict[int, Sequence] = {}  # slot -> sequence
         self.pos_host = [0] * slots
@@ -348,6 +350,8 @@ class Engine:
         self.mixed_steps = 0  # decode steps that carried a prefill
         if self.graphs_on:
             self._capture()
+        if switch_interval_s is not None and self.device.type == "cuda":
+            sys.setswitchinterval(switch_interval_s)
         self.thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
         self.thread.start()
 
@@ -563,10 +567,10 @@ class Engine:
         entries in device order and whether a decode step was launched."""
         decoding = dict(self.active)
         take = self._take()
-        groups = self._packs(take, min(self.MIX_TOKENS, self.max_len) if decoding and self.dec.kernels
-                             else self.max_len)
+        mixing = bool(decoding and self.dec.kernels and self.mixed_buckets)
+        groups = self._packs(take, self.mixed_buckets[-1] if mixing else self.max_len)
         entries = []
-        if decoding and groups and self.dec.kernels and sum(len(s.prompt) for s in groups[0]) <= self.mixed_buckets[-1]:
+        if mixing and groups and sum(len(s.prompt) for s in groups[0]) <= self.mixed_buckets[-1]:
             group = groups.pop(0)
             self.mixed_steps += 1
             b, _, seqs = self._rows(decoding)
@@ -599,8 +603,7 @@ class Engine:
         n = tokens.shape[0]
         if self.device.type != "cuda":
             return seqs, tokens.clone(), None
-        buf = self.pinned[self.turn % len(self.pinned)][:n]
-        self.turn += 1
+        buf = torch.empty(n, dtype=tokens.dtype, pin_memory=True)  # the host allocator reuses it once copied
         buf.copy_(tokens, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
@@ -622,7 +625,7 @@ class Engine:
                             break
                     entries, launched = self._step()
                     queued.extend(entries)
-                    keep = self.PIPELINE - 1 if launched else 0
+                    keep = self.pipeline - 1 if launched else 0
                     while len(queued) > keep:
                         seqs, host, ev = queued.popleft()
                         if ev is not None:
