@@ -9,7 +9,9 @@
 2. Step time: each engine's captured decode graph replayed 50 times per batch size with the rows at
    positions spread over 200-328 (the serving bench's 200-token prompts, 128 new tokens), timed with CUDA
    events; the HBM bound counts the weights plus each row's KV cache once.
-3. The packed prefill graph for 1-8 prompts of 200 tokens; the attention kernel's variants alone per batch
+3. The engine driven in-process (no HTTP, no Ray): 32 and 64 callers, one request each (the peers' closed
+   batch) and six each (steady state).
+4. The packed prefill graph for 1-8 prompts of 200 tokens; the attention kernel's variants alone per batch
    size; the Triton step's GPU time per kernel at 32.
 Writes bench/results/engine_check[_TAG].json.
 """
@@ -46,6 +48,8 @@ def main() -> None:
     slots, max_len = max(args.batches), 512
     out: dict = {"device": torch.cuda.get_device_name(), "model": Path(args.model).name, "slots": slots,
                  "max_len": max_len, "torch": torch.__version__}
+    out["direct"] = [direct(model, tok, slots, max_len, c, r) for c in (32, 64) if c <= slots for r in (1, 6)]
+    torch.cuda.empty_cache()
     engines = {}
     for name, kernels in (("triton", True), ("sdpa", False)):
         engines[name] = Engine(model, tok, slots=slots, max_len=max_len, use_kernels=kernels)
@@ -120,6 +124,55 @@ def main() -> None:
     print("wrote", path.relative_to(ROOT))
 
 
+def direct(model, tok, slots: int, max_len: int, clients: int, per_client: int) -> dict:
+    """The engine driven in-process, no server: ``clients`` callers each submit ``per_client`` requests one
+    after another (random 200-token prompts, 128 greedy tokens, EOS ignored). With one request per client it
+    is the peers' closed batch (bench/peer_decode.py), prefill included."""
+    import threading
+    import time
+
+    import torch
+
+    from serve.engine import Engine, Sampling
+
+    eng = Engine(model, tok, slots=slots, max_len=max_len)
+    eng.eos = set()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, model.config.vocab_size, (200,), generator=gen).tolist() for _ in range(clients)]
+    left, tokens, finished = [per_client] * clients, [0], threading.Event()
+    lock = threading.Lock()
+    pending = [clients]
+
+    def client(i: int):
+        def on_event(ev: dict) -> None:
+            if "finish_reason" not in ev:
+                return
+            with lock:
+                tokens[0] += ev["completion_tokens"]
+                left[i] -= 1
+                again = left[i] > 0
+                if not again:
+                    pending[0] -= 1
+                    if pending[0] == 0:
+                        finished.set()
+            if again:
+                eng.submit(prompts[i], Sampling(max_tokens=128), on_event)
+        return on_event
+
+    t0 = time.perf_counter()
+    for i in range(clients):
+        eng.submit(prompts[i], Sampling(max_tokens=128), client(i))
+    assert finished.wait(300), "direct run did not finish"
+    wall = time.perf_counter() - t0
+    eng.shutdown()
+    steps = [s for _, s in eng.steps]
+    row = {"clients": clients, "per_client": per_client, "tokens": tokens[0], "wall_s": round(wall, 3),
+           "tokens_per_s": round(tokens[0] / wall, 1),
+           "median_step_ms": round(1e3 * statistics.median(steps), 2) if steps else None}
+    print(json.dumps({"direct": row}), flush=True)
+    return row
+
+
 def graph_ms(g) -> float:
     import torch
 
@@ -135,9 +188,7 @@ def graph_ms(g) -> float:
 
 
 def prefill_times(engine) -> list[dict]:
-    """The prefill graph's time for 1, 2, 4 and 8 prompts of 200 tokens packed together; then one prompt of 200
-    riding in a decode step of 32 rows (the mixed graph) against the two apart."""
-    import torch
+    """The prefill graph's time for 1, 2, 4 and 8 prompts of 200 tokens packed together."""
 
     rows = []
     for k in (1, 2, 4, 8):
@@ -150,17 +201,6 @@ def prefill_times(engine) -> list[dict]:
         rows.append({"prompts": k, "tokens": 200 * k, "bucket": width, "ms": round(ms, 2),
                      "ms_per_prompt": round(ms / k, 2)})
         print(json.dumps(rows[-1]), flush=True)
-    b = min(32, engine.slots)
-    engine.pos[:b] = torch.linspace(200, 327, b, device=engine.device).long()
-    width = engine._bucket(engine.mixed_buckets, 200)
-    buf = engine.dec.pack([[1] * 200], [engine.slots], width, engine.PACK)  # into the spare row
-    engine.pf_buf[:buf.shape[0]].copy_(buf)
-    mixed = graph_ms(engine.mixed_graphs[(b, width)][0])
-    decode = graph_ms(engine.graphs[(b, engine.span_buckets[-1])][0])
-    alone = graph_ms(engine.prefill_graphs[engine._bucket(engine.prefill_buckets, 200)][0])
-    rows.append({"mixed_rows": b, "prompt_tokens": 200, "mixed_ms": round(mixed, 2), "decode_ms": round(decode, 2),
-                 "prefill_ms": round(alone, 2), "saved_ms": round(decode + alone - mixed, 2)})
-    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -9,8 +9,7 @@ mode after the other, and drives /v1/completions over real HTTP with streaming c
 Modes: ``generate`` is transformers' generate over dynamic batches (``@serve.batch`` + the coalescer), the
 path before the engine; ``engine`` is serve/engine.py (``max_batch_size`` slots, CUDA graphs on a GPU);
 ``engine-eager`` the same without CUDA graphs; ``engine-sdpa`` with CUDA graphs but without the Triton step
-(PyTorch SDPA over span buckets); ``engine-apart`` with prompts prefilled apart from the decode step;
-``engine-gil5ms`` with Python's default GIL switch interval; ``engine-unstreamed`` the engine with whole answers (as
+(PyTorch SDPA over span buckets); ``engine-unstreamed`` the engine with whole answers (as
 ``generate`` is measured). Reported per mode and concurrency: generated tokens/s,
 requests/s, p50/p99 request latency and time to first token, and the engine's decode steps (mean batch,
 median step time). Writes bench/results/serve_throughput[_TAG].json. Default model: the embedded tiny Llama.
@@ -35,12 +34,10 @@ PORT = 8731
 MODES = {"generate": {"engine": "generate"}, "engine": {"engine": "continuous", "cuda_graphs": True},
          "engine-eager": {"engine": "continuous", "cuda_graphs": False},
          "engine-sdpa": {"engine": "continuous", "cuda_graphs": True, "kernels": False},
-         "engine-apart": {"engine": "continuous", "engine_options": {"mix_tokens": 0}},
-         "engine-gil5ms": {"engine": "continuous", "engine_options": {"switch_interval_s": None}},
          "engine-unstreamed": {"engine": "continuous", "cuda_graphs": True}}
 # The generate path streams one request at a time (a streamer per generate call: 6 tokens/s at 8 clients on
 # an H100); its batched path is the non-streamed one, so that is what it is measured with.
-STREAMED = {m: m not in ("generate", "engine-unstreamed") for m in MODES}
+STREAMED = {"generate": False, "engine": True, "engine-eager": True, "engine-sdpa": True, "engine-unstreamed": False}
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -240,8 +240,6 @@ class ServeConfig(_Strict):
     cuda_graphs: bool = Field(True, description="On a GPU, capture the engine's decode step in CUDA graphs.")
     kernels: bool = Field(True, description="On a GPU, the engine's Triton decode step (fused rotary, norms, "
                           "SiLU; attention over each sequence's own length).")
-    engine_options: dict[str, Any] = Field(default_factory=dict, description="Engine tuning: pipeline, "
-                                           "mix_tokens, switch_interval_s (serve/schemas.py EngineOptions).")
 
 
 class RunConfig(_Strict):

@@ -38,7 +38,6 @@ def model_spec(cfg: RunConfig, model_path: str | Path | None = None) -> dict[str
                         "upscale_delay_s": auto.upscale_delay_s, "downscale_delay_s": auto.downscale_delay_s},
         "num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
         "engine": s.engine, "cuda_graphs": s.cuda_graphs, "kernels": s.kernels,
-        "engine_options": s.engine_options,
     }
 
 

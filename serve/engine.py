@@ -22,7 +22,6 @@ slot, and the CPU tests check it token for token against ``generate``.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -186,30 +185,6 @@ class _Decoder:
                                            enable_gqa=self.gqa)
         return o.transpose(1, 2).reshape(1, qkv.shape[1], -1)
 
-    def mixed(self, ids: torch.Tensor, pos: torch.Tensor, pf_ids: torch.Tensor, seg: torch.Tensor,
-              pf_pos: torch.Tensor, slot: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """A decode step for rows 0..B-1 (``ids``/``pos`` as ``decode``) and a packed prefill (as ``prefill``) in
-        one forward: the matmuls read each weight once for both. The Triton path only. Returns logits
-        [B + K, vocab]: the B decode rows, then each packed prompt's last token."""
-        b = ids.shape[0]
-        h = self.model.model.embed_tokens(torch.cat([ids, pf_ids]))  # [B + T, hidden]
-        x = self._norm(self.layers[0].input_layernorm, h)
-        mask, rot = self._packed_mask(seg), self._rotary(pf_pos[None])
-        norms = [ly.post_attention_layernorm for ly in self.layers]
-        following = [ly.input_layernorm for ly in self.layers[1:]] + [self.model.model.norm]
-        for i, layer in enumerate(self.layers):
-            qkv = F.linear(x, *self.qkv[i])
-            # decode rows first: a freed row riding along must not overwrite the new prompt's cache entries
-            q = kernels.rope_cache(qkv[:b], self.cos, self.sin, pos, self.k[i], self.v[i], self.heads,
-                                   self.kv_heads)
-            o_prompt = self._packed_attention(i, qkv[b:][None], rot, mask, pf_pos, slot)[0]
-            o_rows = kernels.decode_attention(q, self.k[i], self.v[i], pos, **self.attention).view(b, -1)
-            x = kernels.add_rms_norm(h, layer.self_attn.o_proj(torch.cat([o_rows, o_prompt])), norms[i].weight,
-                                     norms[i].variance_epsilon)
-            up = kernels.silu_mul(F.linear(x, *self.gate_up[i]))
-            x = kernels.add_rms_norm(h, layer.mlp.down_proj(up), following[i].weight, following[i].variance_epsilon)
-        return self.model.lm_head(torch.cat([x[:b], x[b + last]])).float()
-
     def pack(self, prompts: list[list[int]], slots: list[int], width: int | None = None,
              count: int | None = None) -> torch.Tensor:
         """Host-side inputs of ``prefill`` for ``prompts`` into cache rows ``slots``, padded to ``width`` tokens
@@ -301,20 +276,15 @@ class Engine:
     ``model``: a transformers causal LM (Llama family) in eval mode on its device; ``slots``: the most
     sequences decoded together; ``max_len``: prompt + new tokens of one sequence. ``cuda_graphs``: capture the
     decode step and the prefill (default: on when the model is on a GPU); ``compile_step``: torch.compile the
-    step first; ``use_kernels``: the Triton decode step (default: on where Triton runs for the device);
-    ``pipeline``: decode steps queued on the device while the host hands out tokens; ``mix_tokens``: the most
-    prompt tokens that ride in one decode step on the kernel path (0: prefill apart); ``switch_interval_s``:
-    on a GPU, the process's GIL switch interval (Python's 5 ms default lets the server's threads hold the
-    engine thread off the GIL for a whole step; None leaves it).
+    step first; ``use_kernels``: the Triton decode step (default: on where Triton runs for the device).
     """
 
+    PIPELINE = 2  # decode steps queued on the device while the host hands out tokens
     PACK = 8  # the most prompts prefilled together in one packed forward
 
     def __init__(self, model, tokenizer, slots: int = 8, max_len: int = 1024, cuda_graphs: bool | None = None,
-                 compile_step: bool = False, use_kernels: bool | None = None, pipeline: int = 2,
-                 mix_tokens: int = 512, switch_interval_s: float | None = 0.001):
+                 compile_step: bool = False, use_kernels: bool | None = None):
         self.tokenizer = tokenizer
-        self.pipeline, self.mix_tokens = pipeline, mix_tokens
         self.eos = set(_eos_ids(model, tokenizer))
         self.slots, self.max_len = slots, max_len
         self.dec = _Decoder(model, slots, max_len, use_kernels)
@@ -331,7 +301,6 @@ class Engine:
         self.span_buckets = [max_len] if self.dec.kernels else _buckets(max_len, min(256, max_len))
         grain = 32 * -(-max_len // (32 * 32))  # prompt-length buckets of the prefill graphs: at most 32
         self.prefill_buckets = sorted({min(n, max_len) for n in range(grain, max_len + grain, grain)})
-        self.mixed_buckets = sorted({min(n, max_len) for n in range(64, mix_tokens + 1, 64)})
         # decode inputs live on the device between steps: the next step reads the last step's tokens there
         self.ids = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -340,18 +309,14 @@ class Engine:
         self.pf_buf = torch.zeros(4 * max_len + self.PACK, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.mixed_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.waiting: deque[Sequence] = deque()
         self.active: dict[int, Sequence] = {}  # slot -> sequence
         self.pos_host = [0] * slots
         self.cv = threading.Condition()
         self.stopped = False
         self.steps: deque[tuple[int, float]] = deque(maxlen=2000)  # (batch size, seconds) per decode step
-        self.mixed_steps = 0  # decode steps that carried a prefill
         if self.graphs_on:
             self._capture()
-        if switch_interval_s is not None and self.device.type == "cuda":
-            sys.setswitchinterval(switch_interval_s)
         self.thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
         self.thread.start()
 
@@ -424,15 +389,10 @@ class Engine:
                 for b in reversed(self.batch_buckets):
                     self.graphs[(b, span)] = capture(lambda b=b, span=span: self.step(self.ids[:b], self.pos[:b],
                                                                                        span))
-            if self.dec.kernels:  # a decode step with a packed prefill riding along, per (batch, width) bucket
-                for t in reversed(self.mixed_buckets):
-                    for b in reversed(self.batch_buckets):
-                        self.mixed_graphs[(b, t)] = capture(
-                            lambda b=b, t=t: self.dec.mixed(self.ids[:b], self.pos[:b], *self._prefill_inputs(t)))
+
         torch.cuda.synchronize()
-        log.info("decode engine: %d decode, %d prefill and %d mixed CUDA graphs captured in %.1f s (Triton step: %s)",
-                 len(self.graphs), len(self.prefill_graphs), len(self.mixed_graphs), time.perf_counter() - t0,
-                 self.dec.kernels)
+        log.info("decode engine: %d decode and %d prefill CUDA graphs captured in %.1f s (Triton step: %s)",
+                 len(self.graphs), len(self.prefill_graphs), time.perf_counter() - t0, self.dec.kernels)
 
     def _decode_logits(self, b: int, span: int) -> torch.Tensor:
         if self.graphs_on:
@@ -503,14 +463,14 @@ class Engine:
                 out.append([s])
         return out
 
-    def _packed(self, group: list[Sequence], buckets: list[int]) -> tuple[int, tuple[torch.Tensor, ...]]:
+    def _packed(self, group: list[Sequence]) -> tuple[int, tuple[torch.Tensor, ...]]:
         """``group``'s packed prompt inputs: with graphs, copied into the prefill buffer (returns the width
         bucket and the buffer's views); without, on the device at their exact width."""
         prompts, rows = [s.prompt for s in group], [s.slot for s in group]
         total = sum(len(p) for p in prompts)
         if not self.graphs_on:
             return total, self.dec.unpack(self.dec.pack(prompts, rows).to(self.device), total)
-        width = self._bucket(buckets, total)
+        width = self._bucket(self.prefill_buckets, total)
         buf = self.dec.pack(prompts, rows, width, self.PACK)
         self.pf_buf[:buf.shape[0]].copy_(buf.pin_memory(), non_blocking=True)
         return width, self._prefill_inputs(width)
@@ -536,7 +496,7 @@ class Engine:
         """Prefill ``group`` packed in one forward (a graph replay padded to a length bucket on a GPU); returns
         their first tokens on the device."""
         slots = self._new_rows(group)
-        width, inputs = self._packed(group, self.prefill_buckets)
+        width, inputs = self._packed(group)
         if self.graphs_on:
             g, logits = self.prefill_graphs[width]
             g.replay()
@@ -562,33 +522,9 @@ class Engine:
             self.pos_host[s] += 1
 
     def _step(self) -> tuple[list[tuple], bool]:
-        """Queue one iteration's device work: new prompts' prefills and one decode step. On the kernel path a
-        new group of prompts rides in the decode step itself (``_Decoder.mixed``). Returns the hand-out
-        entries in device order and whether a decode step was launched."""
-        decoding = dict(self.active)
-        take = self._take()
-        mixing = bool(decoding and self.dec.kernels and self.mixed_buckets)
-        groups = self._packs(take, self.mixed_buckets[-1] if mixing else self.max_len)
-        entries = []
-        if mixing and groups and sum(len(s.prompt) for s in groups[0]) <= self.mixed_buckets[-1]:
-            group = groups.pop(0)
-            self.mixed_steps += 1
-            b, _, seqs = self._rows(decoding)
-            width, inputs = self._packed(group, self.mixed_buckets)
-            if self.graphs_on:
-                g, logits = self.mixed_graphs[(b, width)]
-                g.replay()
-            else:
-                logits = self.dec.mixed(self.ids[:b], self.pos[:b], *inputs)
-            nxt = self._sample(logits[:b], seqs, None)
-            self._advance(b, nxt, decoding)
-            slots = self._new_rows(group)  # after the rows advanced: a reused slot takes the new sequence's state
-            first = self._sample(logits[b:b + len(group)], group, slots)
-            self._start(group, slots, first)
-            entries.append(self._to_host(seqs + group, torch.cat([nxt, first])))
-            entries += [self._to_host(g, self._prefill(g)) for g in groups]
-            return entries, True
-        entries += [self._to_host(g, self._prefill(g)) for g in groups]
+        """Queue one iteration's device work: the new prompts' prefills, then one decode step over every active
+        sequence. Returns the hand-out entries in device order and whether a decode step was launched."""
+        entries = [self._to_host(g, self._prefill(g)) for g in self._packs(self._take(), self.max_len)]
         if not self.active:
             return entries, False
         decoding = dict(self.active)
@@ -625,7 +561,7 @@ class Engine:
                             break
                     entries, launched = self._step()
                     queued.extend(entries)
-                    keep = self.pipeline - 1 if launched else 0
+                    keep = self.PIPELINE - 1 if launched else 0
                     while len(queued) > keep:
                         seqs, host, ev = queued.popleft()
                         if ev is not None:

@@ -162,8 +162,7 @@ class TextGenerator:
         try:
             return Engine(self.model, self.tokenizer, slots=self.spec.max_batch_size, max_len=max_len,
                           cuda_graphs=self.spec.cuda_graphs and self.device.type == "cuda",
-                          use_kernels=None if self.spec.kernels else False,
-                          **self.spec.engine_options.model_dump())
+                          use_kernels=None if self.spec.kernels else False)
         except EngineUnsupported as e:
             logging.getLogger(__name__).warning("model %s: %s; serving through generate", self.spec.name, e)
             return None

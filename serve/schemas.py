@@ -9,15 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # ---------------------------------------------------------------- application arguments
 
 
-class EngineOptions(BaseModel):
-    """Tuning of the decode engine (serve/engine.py ``Engine``); the defaults are the measured best on an H100."""
-
-    model_config = ConfigDict(extra="forbid")
-    pipeline: int = Field(2, ge=1, le=4, description="decode steps queued on the device ahead of the host")
-    mix_tokens: int = Field(512, ge=0, description="most prompt tokens riding in one decode step; 0: apart")
-    switch_interval_s: float | None = Field(0.001, gt=0, description="GIL switch interval on a GPU; null: leave")
-
-
 class ModelSpec(BaseModel):
     """One served model: a merged model directory, or a base with LoRA adapters (multiplexed)."""
 
@@ -41,7 +32,6 @@ class ModelSpec(BaseModel):
                                   "generate: transformers' generate over dynamic batches")
     cuda_graphs: bool = Field(True, description="capture the engine's decode step in CUDA graphs on a GPU")
     kernels: bool = Field(True, description="the engine's Triton decode step where Triton runs (a GPU)")
-    engine_options: EngineOptions = Field(default_factory=lambda: EngineOptions())
     autoscaling: dict[str, Any] = Field(default_factory=lambda: {"min_replicas": 1, "max_replicas": 1})
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
