@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import statistics
 import sys
@@ -48,8 +49,12 @@ def main() -> None:
     slots, max_len = max(args.batches), 512
     out: dict = {"device": torch.cuda.get_device_name(), "model": Path(args.model).name, "slots": slots,
                  "max_len": max_len, "torch": torch.__version__}
-    out["direct"] = [direct(model, tok, slots, max_len, c, r) for c in (32, 64) if c <= slots for r in (1, 6)]
-    torch.cuda.empty_cache()
+    out["direct"] = []
+    for c, r in ((32, 1), (32, 6), (64, 1), (64, 6)):
+        if c <= slots:
+            out["direct"].append(direct(model, tok, slots, max_len, c, r))
+            gc.collect()  # the finished engine (its cache) before the next one
+            torch.cuda.empty_cache()
     engines = {}
     for name, kernels in (("triton", True), ("sdpa", False)):
         engines[name] = Engine(model, tok, slots=slots, max_len=max_len, use_kernels=kernels)
@@ -192,7 +197,7 @@ def prefill_times(engine) -> list[dict]:
 
     rows = []
     for k in (1, 2, 4, 8):
-        if 200 * k > engine.max_len:
+        if 200 * k > engine.pack_tokens:
             break
         width = engine._bucket(engine.prefill_buckets, 200 * k)
         buf = engine.dec.pack([[1] * 200] * k, list(range(k)), width, engine.PACK)

@@ -199,7 +199,7 @@ class _Decoder:
             slot += [s] * len(p)
             last.append(len(ids) - 1)
         pad = width - total
-        return torch.tensor(ids + [0] * pad + seg + [-1] * pad + pos + list(range(pad)) + slot + [self.slots] * pad
+        return torch.tensor(ids + [0] * pad + seg + [-1] * pad + pos + [j % self.max_len for j in range(pad)] + slot + [self.slots] * pad
                             + last + [0] * (count - len(prompts)))
 
     @staticmethod
@@ -281,6 +281,7 @@ class Engine:
 
     PIPELINE = 2  # decode steps queued on the device while the host hands out tokens
     PACK = 8  # the most prompts prefilled together in one packed forward
+    PACK_TOKENS = 2048  # ... and the most tokens (at least max_len)
 
     def __init__(self, model, tokenizer, slots: int = 8, max_len: int = 1024, cuda_graphs: bool | None = None,
                  compile_step: bool = False, use_kernels: bool | None = None):
@@ -299,14 +300,17 @@ class Engine:
         self.batch_buckets = _buckets(slots, 1)
         # SDPA reads a padded span of the cache: a few span buckets; the kernels read each row's own length
         self.span_buckets = [max_len] if self.dec.kernels else _buckets(max_len, min(256, max_len))
-        grain = 32 * -(-max_len // (32 * 32))  # prompt-length buckets of the prefill graphs: at most 32
-        self.prefill_buckets = sorted({min(n, max_len) for n in range(grain, max_len + grain, grain)})
+        # packed prefill widths: every 32 tokens up to 512 (single prompts pad little), then every 128 up to
+        # the pack's capacity (a burst of arrivals prefills PACK prompts per forward)
+        self.pack_tokens = max(max_len, self.PACK_TOKENS)
+        self.prefill_buckets = sorted({min(n, self.pack_tokens) for n in [*range(32, 512, 32),
+                                                                          *range(512, self.pack_tokens + 128, 128)]})
         # decode inputs live on the device between steps: the next step reads the last step's tokens there
         self.ids = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)  # repetition penalty
         # a prefill's packed inputs (``_Decoder.pack``) in one device buffer: a single copy per prefill
-        self.pf_buf = torch.zeros(4 * max_len + self.PACK, dtype=torch.long, device=self.device)
+        self.pf_buf = torch.zeros(4 * self.pack_tokens + self.PACK, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.waiting: deque[Sequence] = deque()
@@ -524,7 +528,7 @@ class Engine:
     def _step(self) -> tuple[list[tuple], bool]:
         """Queue one iteration's device work: the new prompts' prefills, then one decode step over every active
         sequence. Returns the hand-out entries in device order and whether a decode step was launched."""
-        entries = [self._to_host(g, self._prefill(g)) for g in self._packs(self._take(), self.max_len)]
+        entries = [self._to_host(g, self._prefill(g)) for g in self._packs(self._take(), self.pack_tokens)]
         if not self.active:
             return entries, False
         decoding = dict(self.active)
