@@ -61,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
 
+    p = sub.add_parser("k8s", help="render a KubeRay RayJob (training) and RayService (serving) for a config")
+    _add_config(p)
+    p.add_argument("-o", "--out", required=True, help="directory for rayjob.yaml and rayservice.yaml")
+    p.add_argument("--image", default="", help="container image with Ray and this project (or use --working-dir)")
+    p.add_argument("--workers", default="1", help="GPU worker pods of the training cluster (default 1)")
+    p.add_argument("--gpus-per-worker", default="1", help="GPUs per worker pod (default 1)")
+    p.add_argument("--worker-cpus", default="8", help="CPUs per worker pod (default 8)")
+    p.add_argument("--worker-memory", default="64Gi", help="memory per worker pod (default 64Gi)")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--pvc", default="orchestrator-runs",
+                   help="ReadWriteMany PersistentVolumeClaim mounted at /mnt/runs in every pod; output_dir lives there")
+    p.add_argument("--working-dir", help="URI of a zip of this project for the job's runtime_env (default: the image's)")
+    p.add_argument("--stage", default="train", help="the job's entry: prepare, train, tune, eval or merge (default train)")
+
     p = sub.add_parser("reference", help="print the config reference generated from the schema")
     p.add_argument("--write", action="store_true", help="update the reference block in README.md")
 
@@ -117,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(cfg.model.name_or_path, ignore_errors=True)
             ensure_base_model(cfg)
             print(f"tiny base model: {cfg.model.name_or_path}")
+        elif args.command == "k8s":
+            from orchestrator.k8s import run_k8s
+
+            run_k8s(args.config, args.out, args.overrides, image=args.image, workers=args.workers,
+                    gpus_per_worker=args.gpus_per_worker, worker_cpus=args.worker_cpus,
+                    worker_memory=args.worker_memory, namespace=args.namespace, pvc=args.pvc,
+                    working_dir=args.working_dir, stage=args.stage)
         elif args.command == "reference":
             from orchestrator.pipeline import ROOT
             from orchestrator.reference import config_reference, update_readme

@@ -19,15 +19,16 @@ from orchestrator.io import atomic_write_text
 APP_NAME = "orchestrator"
 
 
-def model_spec(cfg: RunConfig, model_path: str | Path | None = None) -> dict[str, Any]:
-    """serve/app.py's ModelSpec for one run config."""
+def model_spec(cfg: RunConfig, model_path: str | Path | None = None, check: bool = True) -> dict[str, Any]:
+    """serve/app.py's ModelSpec for one run config (``check``: the merged model must be here; off for a path
+    that exists only where the app will run, as in a RayService)."""
     s = cfg.serve
     path = Path(model_path) if model_path else Path(cfg.run_dir) / "merged"
-    if not (path / "config.json").is_file():
+    if check and not (path / "config.json").is_file():
         raise ConfigError(f"{cfg.name}: no merged model at {path} (run `orchestrator merge` first, or pass --model)")
     auto = s.autoscaling
     return {
-        "name": cfg.name, "task": cfg.model.task, "path": str(path.resolve()),
+        "name": cfg.name, "task": cfg.model.task, "path": str(path.resolve() if check else path),
         "chat_template": cfg.data.chat_template, "system_prompt": cfg.data.system_prompt,
         "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
         "max_tokens_limit": s.max_tokens_limit, "max_input_length": cfg.data.max_seq_length,
@@ -41,12 +42,12 @@ def model_spec(cfg: RunConfig, model_path: str | Path | None = None) -> dict[str
     }
 
 
-def app_args(cfgs: list[RunConfig], model_paths: list[str | None] | None = None) -> dict[str, Any]:
+def app_args(cfgs: list[RunConfig], model_paths: list[str | None] | None = None, check: bool = True) -> dict[str, Any]:
     paths = model_paths or [None] * len(cfgs)
     names = [c.name for c in cfgs]
     if len(set(names)) != len(names):
         raise ConfigError(f"served model names must differ: {names}")
-    return {"models": [model_spec(c, p) for c, p in zip(cfgs, paths, strict=True)],
+    return {"models": [model_spec(c, p, check) for c, p in zip(cfgs, paths, strict=True)],
             "auth_token_env": cfgs[0].serve.auth_token_env}
 
 
