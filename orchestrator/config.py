@@ -30,6 +30,8 @@ class ModelConfig(_Strict):
 
     name_or_path: str = Field(description="Hub id (e.g. meta-llama/Llama-2-7b-hf) or local directory.")
     task: Literal["causal_lm", "token_classification"] = "causal_lm"
+    license: str = Field("other", description="License of the fine-tuned model, for its model cards (a Hub "
+                         "license id such as apache-2.0; other when unknown).")
     build_tiny: bool = Field(
         False,
         description="Build the embedded tiny Llama model at name_or_path first if it is missing "

@@ -160,6 +160,13 @@ def run_eval(config: str | Path, adapter: str | Path, overrides: list[str] | Non
         raw, _, _ = causal_lm_rows(cfg)
         result = evaluate_qa(cfg, adapter, raw.get("test") or raw["validation"], limit)
     atomic_write_text(adapter.parent / "eval.json", json.dumps(result, indent=2))
+    from orchestrator.card import write_card
+    from orchestrator.merge import fidelity_lines
+
+    write_card(cfg, "adapter", adapter)  # the cards' model-index now holds the test results
+    merged = adapter.parent / "merged"
+    if (merged / "merge.json").is_file():
+        write_card(cfg, "merged", merged, fidelity_lines(json.loads((merged / "merge.json").read_text())))
     print(format_eval(cfg, result))
     return result
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from orchestrator.card import card_text, write_card
 from orchestrator.config import RunConfig, load_config
 from orchestrator.io import atomic_dir, atomic_write_text
 
@@ -112,7 +113,7 @@ def merge_adapter(cfg: RunConfig, adapter: str | Path, out_dir: str | Path, rows
     reference = logits_of(ref_model, inputs, device)
     del ref_model
     result: dict[str, Any] = {"base": cfg.model.name_or_path, "adapter": str(adapter), "method": method,
-                              "task": cfg.model.task, "dtype": cfg.quantization.compute_dtype,
+                              "task": cfg.model.task, "dtype": cfg.quantization.compute_dtype, "bits": cfg.quantization.bits,
                               "examples": len(inputs), "fidelity": {}}
     for m in ([method] + [x for x in METHODS if x != method and compare]):
         if m == "dequantized" and cfg.quantization.bits == 16:
@@ -125,32 +126,28 @@ def merge_adapter(cfg: RunConfig, adapter: str | Path, out_dir: str | Path, rows
                 tokenizer.save_pretrained(tmp)
                 result["seconds"] = round(time.perf_counter() - t0, 1)
                 (tmp / "merge.json").write_text(json.dumps(result, indent=2))
-                (tmp / "README.md").write_text(model_card(cfg, result))
+                (tmp / "README.md").write_text(card_text(cfg, "merged", out_dir.parent, fidelity_lines(result)))
         del model
     # The saved card carries every fidelity measured (the comparison ran after the save).
     atomic_write_text(out_dir / "merge.json", json.dumps(result, indent=2))
-    atomic_write_text(out_dir / "README.md", model_card(cfg, result))
+    write_card(cfg, "merged", out_dir, fidelity_lines(result))
     return result
 
 
-def model_card(cfg: RunConfig, r: dict[str, Any]) -> str:
+def fidelity_lines(r: dict[str, Any]) -> list[str]:
+    """The merged model card's section on how it was merged and how closely it matches the trained model."""
     lines = [
-        f"# {cfg.name} (merged)", "",
-        f"A standalone {'causal LM' if r['task'] == 'causal_lm' else 'token-classification model'}: the LoRA "
-        f"adapter `{Path(r['adapter']).name}` merged into `{r['base']}` by the **{r['method']}** method, saved in "
-        f"{r['dtype']} safetensors. Loads with plain transformers; no peft or bitsandbytes needed.", "",
         "## Merge fidelity", "",
-        f"Against the trained function (adapter on the {cfg.quantization.bits}-bit base), on {r['examples']} "
+        f"The LoRA adapter `{Path(r['adapter']).name}` merged into `{r['base']}` by the **{r['method']}** method, "
+        f"saved in {r['dtype']} safetensors: loads with plain transformers, no peft or bitsandbytes needed.", "",
+        f"Against the trained function (adapter on the {r.get('bits', 4)}-bit base), on {r['examples']} "
         "held-out examples; KL in nats per token.", "",
         "| method | mean KL | max KL | top-1 agreement | tokens |", "|---|---|---|---|---|",
     ]
     for m, f in r["fidelity"].items():
         mark = " (saved)" if m == r["method"] else ""
         lines.append(f"| {m}{mark} | {f['mean_kl']:.2e} | {f['max_kl']:.2e} | {f['top1_agreement']:.4f} | {f['tokens']} |")
-    auto = "AutoModelForCausalLM" if r["task"] == "causal_lm" else "AutoModelForTokenClassification"
-    lines += ["", "## Use", "", "```python", f"from transformers import AutoTokenizer, {auto}",
-              f"model = {auto}.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]
-    return "\n".join(lines)
+    return [*lines, ""]
 
 
 def heldout_rows(cfg: RunConfig) -> list[dict]:

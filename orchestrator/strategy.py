@@ -52,7 +52,9 @@ class DDPStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float:
+        """Clip, step, zero grads; returns the gradient norm (a device tensor where the backend leaves one, so
+        the loop reads it with the step's other figures in one sync)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm or float("inf"))
@@ -62,7 +64,7 @@ class DDPStrategy:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def optimizer_state(self) -> dict[str, Any]:
         return self.optimizer.state_dict()

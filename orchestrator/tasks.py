@@ -128,11 +128,12 @@ def make_task(task: str, pad_id: int, packed: bool, labels: list[str] | None) ->
     return TokenClassificationTask(pad_id, False, labels)
 
 
-def count_real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-pad tokens in a batch: attention_mask for padded batches, num_tokens for packed rows."""
+def count_real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-pad tokens in a batch (a tensor on the batch's device: reading it is the caller's one sync):
+    attention_mask for padded batches, num_tokens for packed rows."""
     if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["num_tokens"].sum())
+        return batch["attention_mask"].sum()
+    return batch["num_tokens"].sum()
 
 
 __all__ = ["Task", "CausalLMTask", "TokenClassificationTask", "EvalAccumulator", "make_task", "ner_metrics",

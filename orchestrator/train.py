@@ -286,7 +286,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             next(batches)
         while micro_done < plan.micro_per_epoch and step < plan.total_steps:
             n_micro = plan.micro_in_step(micro_done // t.grad_accum, t.grad_accum)
-            loss_sum = 0.0
+            # the step's figures stay on the device until one read after the optimizer step: no host sync
+            # per micro-batch, so the host queues the next micro-batch while the device runs this one
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            tokens = torch.zeros((), dtype=torch.int64, device=device)
             for k in range(n_micro):
                 t_wait = time.perf_counter()
                 batch = next(batches)  # time blocked here is time the device waits for the data stream
@@ -295,21 +298,24 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                     out = strategy.model(**task.forward_inputs(batch))
                     loss = out.loss / n_micro
                 strategy.backward(loss)
-                loss_sum += float(loss)
-                tok_window += count_real_tokens(batch)
+                loss_sum += loss.detach().double()
+                tokens += count_real_tokens(batch).to(device)
             micro_done += n_micro
             grad_norm = strategy.step()  # clip, optimizer step, zero grads
             scheduler.step()
             step += 1
             maybe_fail(loop.get("fault"), step, rank, run_dir)
-            step_loss = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+            step_loss = loss_sum
             if world > 1:  # mean over ranks: one small all_reduce, not a pickled gather
                 dist.all_reduce(step_loss)
                 step_loss /= world
+            figures = torch.stack([step_loss, tokens.double(),
+                                   torch.as_tensor(grad_norm, dtype=torch.float64, device=device)]).tolist()
+            step_loss, tok_window, grad_norm = figures[0], tok_window + int(figures[1]), figures[2]
             now = time.perf_counter()
             tokens_total = tok_window * world
             metrics = {"step": step, "epoch": epoch + micro_done / plan.micro_per_epoch,
-                       "loss": float(step_loss), "lr": scheduler.get_last_lr()[0],
+                       "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": grad_norm, "tokens_per_s": tokens_total / max(now - t_window, 1e-9),
                        "real_tokens": tokens_total, "step_time_s": now - t_window, "data_wait_s": wait_window, "timestamp": time.time(),
                        "peak_memory_mb": peak_memory_mb(device)}
@@ -477,6 +483,9 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
             shutil.copytree(Path(d) / "adapter", tmp, dirs_exist_ok=True)
     final = history[-1]
     write_run_outputs(cfg, run_dir, history, best_path=best.path)
+    from orchestrator.card import write_card
+
+    write_card(cfg, "adapter", adapter_dir)
     return TrainResult(run_dir, adapter_dir, final, history, best.path)
 
 

@@ -41,6 +41,11 @@ def test_merge_writes_standalone_model_with_fidelity(tiny_model_dir, random_adap
     card = (out / "README.md").read_text()
     assert f"**{method}**" in card and "top-1 agreement" in card and "(saved)" in card
     assert json.loads((out / "merge.json").read_text())["method"] == method
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(out / "README.md").data.to_dict()
+    assert data["library_name"] == "transformers" and data["base_model"] == cfg.model.name_or_path
+    assert data["pipeline_tag"] == "text-generation" and "merged" in data["tags"] and data["license"] == "other"
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert type(merged).__name__ == "LlamaForCausalLM" and getattr(merged.config, "quantization_config", None) is None
     assert not any("lora" in n for n, _ in merged.named_parameters())

