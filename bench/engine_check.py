@@ -103,18 +103,7 @@ def main() -> None:
                 e.pos[:b] = positions
                 span = e._bucket(e.span_buckets, int(positions.max()) + 1)
                 g, _ = e.graphs[(e._bucket(e.batch_buckets, b), span)]
-                times = []
-                for _ in range(3):
-                    g.replay()
-                torch.cuda.synchronize()
-                for _ in range(50):
-                    s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    g.replay()
-                    t.record()
-                    t.synchronize()
-                    times.append(s.elapsed_time(t))
-                row[f"{name}_ms"] = round(statistics.median(times), 3)
+                row[f"{name}_ms"] = round(graph_ms(g, runs=50, warmup=3), 3)
             row["speedup"] = round(row["sdpa_ms"] / row["triton_ms"], 3)
             kv = kv_per_token * float(positions.sum() + b)
             if peak:
@@ -178,18 +167,19 @@ def direct(model, tok, slots: int, max_len: int, clients: int, per_client: int) 
     return row
 
 
-def graph_ms(g) -> float:
+def graph_ms(g, runs: int = 10, warmup: int = 2) -> float:
+    """Median GPU milliseconds of one replay of CUDA graph ``g`` (CUDA events), after ``warmup`` replays."""
     import torch
 
     times = []
-    for _ in range(12):
+    for _ in range(warmup + runs):
         s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         g.replay()
         t.record()
         t.synchronize()
         times.append(s.elapsed_time(t))
-    return statistics.median(times[2:])
+    return statistics.median(times[warmup:])
 
 
 def prefill_times(engine) -> list[dict]:

@@ -61,19 +61,16 @@ if triton is not None:
             tl.store(vdst + D // 2 + half, tl.load(vrow + D // 2 + half))
 
     @triton.jit
-    def _decode_attention_kernel(q, k_cache, v_cache, pos, out, scale,
-                                 s_cb, s_ch, s_ct,
-                                 H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        n = tl.load(pos + b) + 1  # positions 0..pos attend
+    def _attend(q, k_cache, v_cache, b, h, first, end, n, scale, s_cb, s_ch, s_ct,
+                H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        """Online softmax of row b, head h over cache positions [first, end) (< n valid): (acc, max, sum)."""
         d = tl.arange(0, D)
         qv = tl.load(q + (b * H + h) * D + d).to(tl.float32) * scale
         base = b * s_cb + (h // GROUP) * s_ch
         m = tl.full([], float("-inf"), tl.float32)
         total = tl.full([], 0.0, tl.float32)
         acc = tl.zeros([D], dtype=tl.float32)
-        for start in range(0, n, BLOCK):
+        for start in range(first, end, BLOCK):
             t = start + tl.arange(0, BLOCK)
             valid = t < n
             offs = base + t[:, None] * s_ct + d[None, :]
@@ -86,10 +83,17 @@ if triton is not None:
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             total = total * alpha + tl.sum(p, axis=0)
             m = m_new
-        tl.store(out + (b * H + h) * D + d, (acc / total).to(out.dtype.element_ty))
+        return acc, m, total
 
-
-if triton is not None:
+    @triton.jit
+    def _decode_attention_kernel(q, k_cache, v_cache, pos, out, scale,
+                                 s_cb, s_ch, s_ct,
+                                 H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        n = tl.load(pos + b) + 1  # positions 0..pos attend
+        acc, m, total = _attend(q, k_cache, v_cache, b, h, 0, n, n, scale, s_cb, s_ch, s_ct, H, GROUP, D, BLOCK)
+        tl.store(out + (b * H + h) * D + tl.arange(0, D), (acc / total).to(out.dtype.element_ty))
 
     @triton.jit
     def _attention_part_kernel(q, k_cache, v_cache, pos, part, stats, scale,
@@ -102,27 +106,10 @@ if triton is not None:
         n = tl.load(pos + b) + 1
         first = sp * CHUNK
         if first < n:
-            d = tl.arange(0, D)
-            qv = tl.load(q + (b * H + h) * D + d).to(tl.float32) * scale
-            base = b * s_cb + (h // GROUP) * s_ch
-            m = tl.full([], float("-inf"), tl.float32)
-            total = tl.full([], 0.0, tl.float32)
-            acc = tl.zeros([D], dtype=tl.float32)
-            for start in range(first, tl.minimum(first + CHUNK, n), BLOCK):
-                t = start + tl.arange(0, BLOCK)
-                valid = t < n
-                offs = base + t[:, None] * s_ct + d[None, :]
-                k = tl.load(k_cache + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                s = tl.where(valid, tl.sum(k * qv[None, :], axis=1), float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=0))
-                p = tl.exp(s - m_new)
-                alpha = tl.exp(m - m_new)
-                v = tl.load(v_cache + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-                total = total * alpha + tl.sum(p, axis=0)
-                m = m_new
+            acc, m, total = _attend(q, k_cache, v_cache, b, h, first, tl.minimum(first + CHUNK, n), n, scale,
+                                    s_cb, s_ch, s_ct, H, GROUP, D, BLOCK)
             row = (b * H + h) * SPLITS + sp
-            tl.store(part + row * D + d, acc)
+            tl.store(part + row * D + tl.arange(0, D), acc)
             tl.store(stats + row * 2, m)
             tl.store(stats + row * 2 + 1, total)
 
