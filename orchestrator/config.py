@@ -325,7 +325,7 @@ def _parse_scalar(text: str) -> Any:
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides to a raw config dict (in place) and return it."""
     for item in overrides or []:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. train.lr=1e-4")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
@@ -354,14 +354,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
-    lines = [f"{source}: invalid run config"]
+    """One line: the source, then each bad field and why (``; `` between fields)."""
+    parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: " + "; ".join(parts)
+
+
+def check_data_files(cfg: RunConfig) -> None:
+    """A one-line error naming the setting and the path for a data file that is not there (before Ray)."""
+    for split in ("train", "validation", "test"):
+        for f in getattr(cfg.data, split):
+            p = Path(f)
+            if not p.exists():
+                raise ConfigError(f"data.{split}: {f}: no such file")
+            if p.is_dir():
+                raise ConfigError(f"data.{split}: {f}: a directory, not a data file")
 
 
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
@@ -375,6 +387,8 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
 def read_raw(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, with file-and-line errors for bad YAML."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: a directory, not a config file")
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file")
     try:
@@ -481,4 +495,4 @@ def validate_pipeline(raw: dict[str, Any], source: str = "<pipeline>") -> Pipeli
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(source, err).replace("invalid run config", "invalid pipeline config")) from None
+        raise ConfigError(_format_errors(source, err)) from None

@@ -44,13 +44,30 @@ class Article:
         return row
 
 
+def open_pdf(path: str | Path) -> PdfReader:
+    """A PdfReader, or a one-line ValueError naming the file: empty, encrypted, or not a readable PDF."""
+    from pypdf.errors import PdfReadError, PdfStreamError
+
+    p = Path(path)
+    if p.is_file() and p.stat().st_size == 0:
+        raise ValueError(f"{p}: an empty file, not a PDF")
+    try:
+        reader = PdfReader(str(p))
+        if reader.is_encrypted:
+            raise ValueError(f"{p}: an encrypted PDF; decrypt it first (e.g. qpdf --decrypt IN OUT)")
+        len(reader.pages)  # the page tree is where a truncated or corrupt file fails
+    except (PdfReadError, PdfStreamError, OSError) as e:
+        raise ValueError(f"{p}: not a readable PDF ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    return reader
+
+
 def pdf_page_count(path: str | Path) -> int:
-    return len(PdfReader(str(path)).pages)
+    return len(open_pdf(path).pages)
 
 
 def extract_pages(path: str | Path, pages: list[int]) -> list[str]:
     """Extract the text of the given 0-based pages of one PDF."""
-    reader = PdfReader(str(path))
+    reader = open_pdf(path)
     return [reader.pages[i].extract_text() or "" for i in pages]
 
 

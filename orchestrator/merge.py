@@ -170,6 +170,8 @@ def run_merge(config: str | Path, adapter: str | Path, overrides: list[str] | No
     """Entry for `orchestrator merge` and jobs/merge.py. Default output: RUN_DIR/merged."""
     from orchestrator.model import ensure_model, follow_adapter_base
 
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (expected a PEFT adapter directory)")
     cfg = follow_adapter_base(load_config(config, overrides), adapter)
     ensure_model(cfg)  # built on first use, or a one-line error, before Ray starts
     out_dir = Path(out) if out else Path(adapter).resolve().parent / "merged"

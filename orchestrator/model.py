@@ -49,8 +49,10 @@ def check_model_source(name_or_path: str) -> str:
 def ensure_model(cfg: RunConfig) -> str:
     """The run's base model, ready to load before any Ray work: the embedded tiny Llama is built on first use
     (``model.build_tiny: true``); any other local path must hold a model (one line naming path and setting)."""
+    from orchestrator.config import check_data_files
     from orchestrator.tiny import ensure_base_model
 
+    check_data_files(cfg)  # the tiny model is built from the corpus, and every stage reads it
     if cfg.model.build_tiny:
         ensure_base_model(cfg)
     try:

@@ -86,7 +86,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
         try:
             cfgs.append(load_config(cfg_path, [f"{k}={json.dumps(v)}" for k, v in sets.items()], base=base))
         except ConfigError as e:
-            raise ConfigError(f"{path}: runs[{i}] ({run.config}):\n{e}") from None
+            raise ConfigError(f"{path}: runs[{i}] ({run.config}): {e}") from None
     names = [c.name for c in cfgs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: runs: run names must differ, got {names}")

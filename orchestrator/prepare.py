@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from orchestrator.config import RunConfig, load_config
+from orchestrator.config import RunConfig, check_data_files, load_config
 from orchestrator.data import Prepared, prepare, read_parquet, split_stats, write_parquet
 from orchestrator.runtime import init_ray
 from orchestrator.tiny import ensure_base_model
@@ -45,6 +45,7 @@ def run_prepare(config: str | Path, overrides: list[str] | None = None, parquet_
     t0 = time.perf_counter()
     steps = tqdm(total=3, desc="prepare", unit="stage")
     steps.set_postfix_str("base model / tokenizer")
+    check_data_files(cfg)
     ensure_base_model(cfg)
     steps.update()
     init_ray()

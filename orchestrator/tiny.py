@@ -32,8 +32,10 @@ def corpus_text(pdf_paths: Iterable[str | Path]) -> list[str]:
 
     out = []
     for p in pdf_paths:
-        for text in extract_pages(p, list(range(pdf_page_count(p)))):
-            out.append("\n".join(clean_page(text)))
+        pages = ["\n".join(clean_page(text)) for text in extract_pages(p, list(range(pdf_page_count(p))))]
+        if not any(page.strip() for page in pages):
+            raise ValueError(f"{p}: no extractable text in {len(pages)} page(s) (a scanned PDF? OCR it first)")
+        out += pages
     return out
 
 

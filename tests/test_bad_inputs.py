@@ -1,5 +1,7 @@
-"""Bad inputs end in one line naming the file, line or field, before any work starts: data files that are not
-text (a PDF read as JSON lines, binary or mislabelled gzip CoNLL), binary configs, missing base models."""
+"""Bad inputs end in one line naming the file, line or field, before any work starts, with nothing written: run
+configs and `--set` values (16 cases), config files (6), data files (PDFs empty, corrupt, encrypted or without
+text; missing files and directories; text readers fed PDFs, binary or mislabelled gzip), binary configs,
+missing base models per verb, adapter directories. The HTTP cases are in test_serve.py (bad requests table)."""
 
 from __future__ import annotations
 
@@ -110,3 +112,99 @@ def test_embedded_model_is_built_on_first_use(tmp_path, monkeypatch):
     stamp = (tmp_path / "tiny/config.json").stat().st_mtime_ns
     ensure_model(cfg)
     assert (tmp_path / "tiny/config.json").stat().st_mtime_ns == stamp
+
+
+def _pdf(path, kind: str):
+    from pypdf import PdfWriter
+
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "corrupt":
+        path.write_bytes(b"%PDF-1.4\n" + bytes(range(256)) * 8)
+    else:
+        w = PdfWriter()
+        w.add_blank_page(200, 200)
+        if kind == "encrypted":
+            w.encrypt("secret")
+        w.write(path)
+    return path
+
+
+# (argv after the command and config, what the one line must say); {d} is the test's directory
+CONFIG_CASES = [
+    (["--set", "train.lr=fast"], "run.yaml: train.lr: Input should be a valid number"),
+    (["--set", "train.lr=-1"], "run.yaml: train.lr: Input should be greater than 0"),
+    (["--set", "train.lr"], "--set 'train.lr': expected FIELD=VALUE"),
+    (["--set", "=1"], "--set '=1': expected FIELD=VALUE"),
+    (["--set", "train.nope=1"], "run.yaml: train.nope: unknown field"),
+    (["--set", "train.max_steps=abc"], "run.yaml: train.max_steps: Input should be a valid integer"),
+    (["--set", "data.format=csv"], "run.yaml: data.format: Input should be 'pdf', 'conll', 'ner_json' or 'qa_jsonl'"),
+    (["--set", "model.task=summarize"], "run.yaml: model.task: Input should be"),
+    (["--set", "lora.r=0"], "run.yaml: lora.r: Input should be greater than or equal to 1"),
+    (["--set", "quantization.bits=3"], "run.yaml: quantization.bits: Input should be 4, 8 or 16"),
+    (["--set", "serve.port=70000"], "run.yaml: serve.port: Input should be less than or equal to 65535"),
+    (["--set", "data.max_seq_length=4"], "run.yaml: data.max_seq_length: Input should be greater than or equal to 8"),
+    (["--set", "train.strategy=deepspeed_zero3"], "needs quantization.quant_storage equal to"),
+    (["--set", "scaling.num_workers=0"], "run.yaml: scaling.num_workers: Input should be greater than or equal to 1"),
+    (["--set", "train.micro_batch_size=[1,2]"], "run.yaml: train.micro_batch_size: Input should be a valid integer"),
+    (["--set", "train.lr=1e-4", "--set", "lora.r=0", "--set", "lora.alpha=-1"], "lora.r: Input should be greater"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CONFIG_CASES)
+def test_bad_config_values_are_one_line(tmp_path, capsys, argv, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text((ROOT / "configs" / "constitution-qa-tiny.yaml").read_text())
+    assert message in _cli(capsys, "validate", str(cfg), *argv)
+
+
+@pytest.mark.parametrize("text,message", [
+    (None, "missing.yaml: no such config file"),
+    ("DIR", "run.yaml: a directory, not a config file"),
+    ("- a\n- b\n", "run.yaml: a run config must be a YAML mapping at the top level"),
+    ("", "run.yaml: a run config must be a YAML mapping at the top level"),
+    ("name: x\nmodel: [unclosed\n", "run.yaml:3:1: not valid YAML"),
+    ("name: x\nbogus_field: 1\n", "bogus_field: unknown field"),
+])
+def test_bad_config_files_are_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / ("missing.yaml" if text is None else "run.yaml")
+    if text == "DIR":
+        path.mkdir()
+    elif text is not None:
+        path.write_text(text)
+    assert message in _cli(capsys, "validate", str(path))
+
+
+@pytest.mark.parametrize("setting,make,message", [
+    ("data.train", lambda d: d / "nofile.pdf", "data.train: {d}/nofile.pdf: no such file"),
+    ("data.train", lambda d: d, "data.train: {d}: a directory, not a data file"),
+    ("data.train", lambda d: _pdf(d / "e.pdf", "empty"), "{d}/e.pdf: an empty file, not a PDF"),
+    ("data.train", lambda d: _pdf(d / "c.pdf", "corrupt"), "{d}/c.pdf: not a readable PDF"),
+    ("data.train", lambda d: _pdf(d / "x.pdf", "encrypted"), "{d}/x.pdf: an encrypted PDF; decrypt it first"),
+    ("data.train", lambda d: _pdf(d / "b.pdf", "blank"), "{d}/b.pdf: no extractable text in 1 page(s)"),
+    ("data.test", lambda d: d / "none.pdf", "data.test: {d}/none.pdf: no such file"),
+])
+def test_bad_data_files_stop_train_before_ray(tmp_path, capsys, monkeypatch, setting, make, message):
+    import orchestrator.runtime
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started before the data files were checked")
+
+    monkeypatch.setattr(orchestrator.runtime, "init_ray", no_ray)
+    data = tmp_path / "data"
+    data.mkdir()
+    target = make(data)
+    out, model = tmp_path / "runs", tmp_path / "model"
+    err = _cli(capsys, "train", str(ROOT / "configs" / "constitution-qa-tiny.yaml"), "--set", f"{setting}=[{target}]",
+               "--set", f"output_dir={out}", "--set", f"model.name_or_path={model}")
+    assert message.format(d=data) in err
+    assert not out.exists() and not model.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("verb,make,message", [
+    ("eval", lambda d: d / "nothing", "no adapter_config.json"),
+    ("merge", lambda d: d, "no adapter_config.json"),
+])
+def test_bad_adapter_directories_are_one_line(tmp_path, capsys, verb, make, message):
+    assert message in _cli(capsys, verb, str(ROOT / "configs" / "constitution-qa-tiny.yaml"), "--adapter",
+                           str(make(tmp_path)), "--set", f"output_dir={tmp_path / 'runs'}")

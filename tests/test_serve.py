@@ -131,6 +131,15 @@ def test_entities_finds_chemical_and_disease(app):
      "messages.0.content: invalid Unicode"),
     ("/v1/completions", b'{"prompt": "x", "stop": ["\\udfff"]}', 400, "stop"),
     ("/v1/entities", b'{"texts": ["ok", "\\ud800"]}', 400, "texts"),
+    # path-like model names are names that are not served, never paths opened on the replica
+    ("/v1/chat/completions", {"model": "../../etc/passwd", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "../../etc/passwd"),
+    ("/v1/completions", {"model": "/tmp/constitution-qa", "prompt": "x"}, 404, "/tmp/constitution-qa"),
+    ("/v1/completions", {"prompt": "law " * 250_000, "max_tokens": 8}, 400, "prompt is"),  # a 1 MB prompt
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": ', 400, "JSON"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/entities", {"texts": "one text"}, 400, "texts"),
 ])
 def test_bad_requests_get_4xx_with_a_message(app, path, body, status, needle):
     if isinstance(body, bytes):  # sent as written (an encoder would refuse a lone surrogate)
