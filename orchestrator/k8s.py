@@ -91,14 +91,15 @@ def _ray_cluster(c: Cluster, gpu_workers: int, gpus: int, max_workers: int | Non
             "template": {"spec": {"containers": [_container("ray-head", c.image, {
                 "requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"cpu": "4", "memory": "16Gi"}}, head_ports)],
                 "volumes": _volumes(c)}}}
-    limits = {"cpu": str(c.worker_cpus), "memory": c.worker_memory, "nvidia.com/gpu": str(gpus)}
-    worker = {"groupName": "gpu", "replicas": gpu_workers, "minReplicas": gpu_workers,
+    limits = {"cpu": str(c.worker_cpus), "memory": c.worker_memory}
+    pod: dict[str, Any] = {"volumes": _volumes(c)}
+    if gpus:  # GPU pods: the GPU limit, and the taint GPU node pools usually carry
+        limits["nvidia.com/gpu"] = str(gpus)
+        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    pod["containers"] = [_container("ray-worker", c.image, {"requests": dict(limits), "limits": limits})]
+    worker = {"groupName": "gpu" if gpus else "cpu", "replicas": gpu_workers, "minReplicas": gpu_workers,
               "maxReplicas": max(gpu_workers, max_workers or gpu_workers), "rayStartParams": {},
-              "template": {"spec": {"containers": [_container("ray-worker", c.image, {"requests": dict(limits),
-                                                                                      "limits": limits})],
-                                    "volumes": _volumes(c),
-                                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                                     "effect": "NoSchedule"}]}}}
+              "template": {"spec": pod}}
     spec: dict[str, Any] = {"rayVersion": _ray_version(), "headGroupSpec": head, "workerGroupSpecs": [worker]}
     if max_workers and max_workers > gpu_workers:
         spec["enableInTreeAutoscaling"] = True
@@ -147,7 +148,7 @@ def rayservice(cfg: RunConfig, c: Cluster) -> dict[str, Any]:
     per_worker = max(1, c.gpus_per_worker // gpus) if gpus else 1  # replicas one GPU worker pod holds
     workers = max(1, math.ceil(s.autoscaling.min_replicas / per_worker))
     max_workers = max(workers, math.ceil(s.autoscaling.max_replicas / per_worker))
-    cluster = _ray_cluster(c, workers, max(gpus * per_worker, 1) if gpus else c.gpus_per_worker, max_workers)
+    cluster = _ray_cluster(c, workers, gpus * per_worker, max_workers)  # no GPUs for a CPU-served model
     return {
         "apiVersion": KUBERAY_API, "kind": "RayService",
         "metadata": {"name": k8s_name(cfg.name, "serve"), "namespace": c.namespace,

@@ -511,7 +511,7 @@ class Engine:
         return first
 
     def _rows(self, decoding: dict[int, Sequence]) -> tuple[int, int, list[Sequence | None]]:
-        """The decode step's batch bucket, span bucket, and each row's sequence (None: idle or new)."""
+        """The decode step's batch bucket, span bucket, and each row's sequence (None: an idle slot)."""
         b = self._bucket(self.batch_buckets, max(decoding) + 1)
         span = self._bucket(self.span_buckets, max(self.pos_host[s] for s in decoding) + 1)
         return b, span, [decoding.get(i) for i in range(b)]

@@ -113,3 +113,15 @@ def test_bad_options_are_one_line_errors_and_write_nothing(tmp_path, capsys, arg
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cpu_served_model_gets_cpu_workers(tmp_path):
+    """serve.gpus_per_replica 0: the RayService's workers ask for no GPUs (and still validate)."""
+    assert main(["k8s", str(CONFIG), "-o", str(tmp_path), "--image", "img:1", "--set", "serve.gpus_per_replica=0"]) == 0
+    svc = yaml.safe_load((tmp_path / "rayservice.yaml").read_text())
+    validate(svc, "rayservices")
+    worker = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert "nvidia.com/gpu" not in worker["template"]["spec"]["containers"][0]["resources"]["limits"]
+    job = yaml.safe_load((tmp_path / "rayjob.yaml").read_text())  # training keeps its GPU workers
+    assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
+        "limits"]["nvidia.com/gpu"] == "1"
