@@ -7,9 +7,9 @@ step it ends (EOS, ``max_tokens``, a stop string, or cancellation), which frees 
 On a GPU the decode step is captured in CUDA graphs, one per batch bucket: a step is one graph replay plus a
 few sampling kernels, with no host sync inside. With Triton (``serve/kernels.py``) each row's attention reads
 only its own cache length and rotary, the cache write, residual adds, norms and SiLU are fused; without it,
-the step uses SDPA over a padded span and gets one graph per (batch, span) bucket. Prompts admitted together
-are prefilled packed into one sequence (each attends only to itself): one graph replay padded to a length
-bucket. The engine thread keeps the device one step ahead of the
+the step uses SDPA over a padded span and gets one graph per (batch, span) bucket. With graphs, prompts
+admitted together are prefilled packed into one sequence (each attends only to itself): one graph replay
+padded to a length bucket; without (the CPU), one eager forward over the right-padded prompts. The engine thread keeps the device one step ahead of the
 host: it launches step k+1 from step k's tokens (which never leave the device) and only then waits for step
 k-1's tokens to hand them out and decide who finished, so Python work (and the GIL held by the server's
 other threads) overlaps the device. A sequence that ended at step k still rides along in the steps already
@@ -157,33 +157,35 @@ class _Decoder:
         """Several prompts packed into one sequence ``ids`` [T]: token t belongs to prompt ``seg[t]``, sits at
         position ``pos[t]`` of cache row ``slot[t]``, and attends only to earlier tokens of its own prompt.
         Returns logits [K, vocab] at the packed indices ``last`` [K] (each prompt's last token). Padding is a
-        segment of its own writing into the spare cache row (index ``slots``), which no decode step reads."""
-        h = self.model.model.embed_tokens(ids)[None]
-        mask, rot = self._packed_mask(seg), self._rotary(pos[None])
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = self._norm(layer.input_layernorm, h)
-            o = self._packed_attention(i, F.linear(x, *self.qkv[i]), rot, mask, pos, slot)
-            h = h + attn.o_proj(o)
-            h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h))
-        return self._finish(h[0, last])
-
-    @staticmethod
-    def _packed_mask(seg: torch.Tensor) -> torch.Tensor:
-        """[1, 1, T, T]: token i sees token j when j <= i within the same prompt."""
+        segment of its own writing into the spare cache row (index ``slots``), which no decode step reads.
+        One shape for any mix of prompts: what the prefill graphs capture."""
         idx = torch.arange(seg.shape[0], device=seg.device)
-        return ((idx[None, :] <= idx[:, None]) & (seg[None, :] == seg[:, None]))[None, None]
+        mask = ((idx[None, :] <= idx[:, None]) & (seg[None, :] == seg[:, None]))[None, None]  # [1, 1, T, T]
+        return self._finish(self._prompts(ids[None], pos[None], slot[None], mask)[0, last])
 
-    def _packed_attention(self, i: int, qkv: torch.Tensor, rot, mask: torch.Tensor, pos: torch.Tensor,
-                          slot: torch.Tensor) -> torch.Tensor:
-        """Packed prompt tokens' q/k/v [1, T, N]: rotate, write k/v to the cache, attend within each prompt;
-        returns [1, T, H d]."""
-        q, k, v = self._split(qkv, rot)
-        self.k[i][slot, :, pos] = k[0]
-        self.v[i][slot, :, pos] = v[0]
-        o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           enable_gqa=self.gqa)
-        return o.transpose(1, 2).reshape(1, qkv.shape[1], -1)
+    def prefill_rows(self, ids: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Right-padded prompts ``ids`` [n, T] into ``slots`` [n], one row each (causal attention, no T x T mask
+        over every prompt: the eager path's cheaper shape); logits [n, vocab] at each last prompt token."""
+        n, t = ids.shape
+        pos = self.arange[:t].expand(n, t)
+        h = self._prompts(ids, pos, slots[:, None].expand(n, t), None)
+        return self._finish(h[torch.arange(n, device=h.device), lengths - 1])
+
+    def _prompts(self, ids: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None):
+        """Prompt tokens ``ids`` [n, T] at cache positions ``pos`` of rows ``slot`` (both [n, T]) through the
+        layers, writing their k/v to the cache; ``mask`` [.., T, T] or None for causal. Returns h [n, T, hidden]."""
+        n, t = ids.shape
+        h = self.model.model.embed_tokens(ids)
+        rot = self._rotary(pos)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(i, self._norm(layer.input_layernorm, h), rot)
+            self.k[i][slot, :, pos] = k
+            self.v[i][slot, :, pos] = v
+            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=self.gqa)
+            h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(n, t, -1))
+            h = h + self._mlp(i, self._norm(layer.post_attention_layernorm, h))
+        return h
 
     def pack(self, prompts: list[list[int]], slots: list[int], width: int | None = None,
              count: int | None = None) -> torch.Tensor:
@@ -467,17 +469,20 @@ class Engine:
                 out.append([s])
         return out
 
-    def _packed(self, group: list[Sequence]) -> tuple[int, tuple[torch.Tensor, ...]]:
-        """``group``'s packed prompt inputs: with graphs, copied into the prefill buffer (returns the width
-        bucket and the buffer's views); without, on the device at their exact width."""
+    def _prefill_logits(self, group: list[Sequence]) -> torch.Tensor:
+        """Logits at each prompt's last token: with graphs, the group packed into the prefill buffer and the
+        graph of its width bucket replayed; without, one eager forward over the right-padded prompts."""
         prompts, rows = [s.prompt for s in group], [s.slot for s in group]
-        total = sum(len(p) for p in prompts)
         if not self.graphs_on:
-            return total, self.dec.unpack(self.dec.pack(prompts, rows).to(self.device), total)
-        width = self._bucket(self.prefill_buckets, total)
+            width = max(len(p) for p in prompts)
+            ids = self._tensor([p + [0] * (width - len(p)) for p in prompts])
+            return self.dec.prefill_rows(ids, self._tensor([len(p) for p in prompts]), self._tensor(rows))
+        width = self._bucket(self.prefill_buckets, sum(len(p) for p in prompts))
         buf = self.dec.pack(prompts, rows, width, self.PACK)
         self.pf_buf[:buf.shape[0]].copy_(buf.pin_memory(), non_blocking=True)
-        return width, self._prefill_inputs(width)
+        g, logits = self.prefill_graphs[width]
+        g.replay()
+        return logits[:len(group)]
 
     def _new_rows(self, group: list[Sequence]) -> torch.Tensor:
         """The new sequences' slots on the device; their repetition-penalty rows start from their prompts."""
@@ -497,16 +502,9 @@ class Engine:
             self.pos_host[s.slot] = len(s.prompt)
 
     def _prefill(self, group: list[Sequence]) -> torch.Tensor:
-        """Prefill ``group`` packed in one forward (a graph replay padded to a length bucket on a GPU); returns
-        their first tokens on the device."""
+        """Prefill ``group`` in one forward; returns their first tokens on the device."""
         slots = self._new_rows(group)
-        width, inputs = self._packed(group)
-        if self.graphs_on:
-            g, logits = self.prefill_graphs[width]
-            g.replay()
-        else:
-            logits = self.dec.prefill(*inputs)
-        first = self._sample(logits[:len(group)], group, slots)
+        first = self._sample(self._prefill_logits(group), group, slots)
         self._start(group, slots, first)
         return first
 
@@ -528,7 +526,9 @@ class Engine:
     def _step(self) -> tuple[list[tuple], bool]:
         """Queue one iteration's device work: the new prompts' prefills, then one decode step over every active
         sequence. Returns the hand-out entries in device order and whether a decode step was launched."""
-        entries = [self._to_host(g, self._prefill(g)) for g in self._packs(self._take(), self.pack_tokens)]
+        take = self._take()
+        groups = self._packs(take, self.pack_tokens) if self.graphs_on else [take] if take else []
+        entries = [self._to_host(g, self._prefill(g)) for g in groups]
         if not self.active:
             return entries, False
         decoding = dict(self.active)
