@@ -88,8 +88,8 @@ def card_text(cfg: RunConfig, kind: str, run_dir: Path, extra: list[str] | None 
     data = ModelCardData(
         base_model=hub_base(cfg.model.name_or_path), library_name="peft" if kind == "adapter" else "transformers",
         pipeline_tag=task, license=cfg.model.license, datasets=_datasets(cfg),
-        tags=["qlora" if cfg.quantization.bits == 4 else "lora", "lora", "ray", task,
-              *(["peft"] if kind == "adapter" else ["merged"])],
+        tags=list(dict.fromkeys(["qlora" if cfg.quantization.bits == 4 else "lora", "lora", "ray", task,
+                                 "peft" if kind == "adapter" else "merged"])),
         model_name=f"{cfg.name}-{kind}",
         eval_results=_eval_results(cfg, results, split) if results else None)
     hist = summary.get("history") or []

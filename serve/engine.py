@@ -104,7 +104,6 @@ class _Decoder:
         # q/k/v and gate/up as one matmul each: the modules' weights become views into the fused tensors
         self.qkv = [_fuse(ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj) for ly in self.layers]
         self.gate_up = [_fuse(ly.mlp.gate_proj, ly.mlp.up_proj) for ly in self.layers]
-        self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         pos = torch.arange(max_len, device=self.device)
         dummy = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = model.model.rotary_emb(dummy, pos[None])
@@ -129,12 +128,8 @@ class _Decoder:
 
     def _qkv(self, i: int, h: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]):
         """h [n, T, hidden] -> q [n, H, T, d], k/v [n, T, kvh, d] (q and k rotated together)."""
-        return self._split(F.linear(h, *self.qkv[i]), rot)
-
-    def _split(self, qkv: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]):
-        """The fused projection's output [n, T, (H + 2 kvh) d] -> rotated q [n, H, T, d], k and v [n, T, kvh, d]."""
-        n, t = qkv.shape[:2]
-        qkv = qkv.view(n, t, self.heads + 2 * self.kv_heads, self.head_dim)
+        n, t, _ = h.shape
+        qkv = F.linear(h, *self.qkv[i]).view(n, t, self.heads + 2 * self.kv_heads, self.head_dim)
         qk = self._rope(qkv[:, :, : self.heads + self.kv_heads], *rot)
         q, k = qk[:, :, : self.heads], qk[:, :, self.heads:]
         return q.transpose(1, 2), k, qkv[:, :, self.heads + self.kv_heads:]
@@ -201,8 +196,11 @@ class _Decoder:
             slot += [s] * len(p)
             last.append(len(ids) - 1)
         pad = width - total
-        return torch.tensor(ids + [0] * pad + seg + [-1] * pad + pos + [j % self.max_len for j in range(pad)] + slot + [self.slots] * pad
-                            + last + [0] * (count - len(prompts)))
+        ids += [0] * pad
+        seg += [-1] * pad
+        pos += [j % self.max_len for j in range(pad)]
+        slot += [self.slots] * pad
+        return torch.tensor(ids + seg + pos + slot + last + [0] * (count - len(prompts)))
 
     @staticmethod
     def unpack(buf: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
