@@ -158,6 +158,10 @@ class TrainConfig(_Strict):
     strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
         "ddp", description="How workers share a step: DDP, or DeepSpeed ZeRO-2/3 (optimizer state and gradients, "
         "plus parameters for ZeRO-3, partitioned across workers). DeepSpeed also runs on CPU workers (gloo).")
+    backend: Literal["auto", "hf", "liger", "unsloth"] = Field(
+        "auto", description="Training kernels (orchestrator/backends.py): hf (transformers + peft), liger (Liger "
+        "Kernel's Triton modules), unsloth (Unsloth's model); auto: unsloth on GPU workers where it is installed "
+        "and fits the run (causal LM, DDP), else hf.")
     max_failures: int = Field(2, ge=0)
 
 
@@ -275,6 +279,10 @@ class RunConfig(_Strict):
                              "ZeRO-3 partitions the packed weights as tensors of that dtype")
         if self.train.precision == "bf16" and self.quantization.compute_dtype == "float16":
             raise ValueError("train.precision=bf16 with quantization.compute_dtype=float16 mixes dtypes; pick one")
+        from orchestrator.backends import unsupported
+
+        if why := unsupported(self, self.train.backend):
+            raise ValueError(why)
         for key in self.tune.search_space:
             node: Any = self
             for part in key.split("."):

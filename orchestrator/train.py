@@ -180,12 +180,11 @@ def maybe_fail(spec: str | None, step: int, rank: int, run_dir: Path) -> None:
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from orchestrator.backends import make_backend, resolve
     from orchestrator.data import load_tokenizer
-    from orchestrator.loss import training_module
-    from orchestrator.model import load_for_training, param_counts
+    from orchestrator.model import param_counts
     from orchestrator.strategy import make_strategy
     from orchestrator.tasks import EvalAccumulator, count_real_tokens, make_task
 
@@ -197,10 +196,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     seed_everything(t.seed)
     device = ray.train.torch.get_device()
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    backend = make_backend(resolve(cfg, device))  # before the tokenizer: Unsloth must patch transformers first
     labels = loop.get("labels")
-    model = load_for_training(cfg, device, labels)
+    model = backend.load(cfg, device, labels)
+    from peft import set_peft_model_state_dict  # after the backend's load: peft imports transformers
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
     if rank == 0:
+        print(f"training backend: {backend.name}")
         trainable, total = param_counts(model)
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     step, epoch, micro_done, history, state = 0, 0, 0, [], None
@@ -215,7 +218,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     plan = Plan.make(cfg, loop["rows_per_rank"])
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
     strategy = make_strategy(cfg, model, optimizer, world, device,
-                             forward_module=training_module(model, cfg.model.task, t.loss_chunk_tokens))
+                             forward_module=backend.training_module(model, cfg))
     core = strategy.core
     task = make_task(cfg.model.task, tokenizer.pad_token_id, cfg.data.packing, labels)
     if state:
@@ -233,11 +236,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         with torch.no_grad(), autocast(cfg, device):
             for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=task.collate,
                                                   device=device):
-                task.accumulate(acc, batch, core(**task.forward_inputs(batch)))
+                task.accumulate(acc, batch, backend.forward(core, task.forward_inputs(batch), train=False))
                 n += 1
             if strategy.lockstep_forward:  # ZeRO-3: a forward is collective; a shorter shard repeats, unrecorded
                 for _ in range(loop["val_batches_max"] - n):
-                    core(**task.forward_inputs(batch))
+                    backend.forward(core, task.forward_inputs(batch), train=False)
         core.train()
         parts = [None] * world
         if world > 1:
@@ -295,7 +298,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 batch = next(batches)  # time blocked here is time the device waits for the data stream
                 wait_window += time.perf_counter() - t_wait
                 with strategy.accumulating(last=k == n_micro - 1), autocast(cfg, device):
-                    out = strategy.model(**task.forward_inputs(batch))
+                    out = backend.forward(strategy.model, task.forward_inputs(batch))
                     loss = out.loss / n_micro
                 strategy.backward(loss)
                 loss_sum += loss.detach().double()

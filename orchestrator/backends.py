@@ -1,0 +1,183 @@
+"""Training backends (``train.backend``): how a Ray Train worker builds the trainable model and calls it.
+
+One training loop runs them all; a backend differs only in two small pieces, ``load`` (base + LoRA, ready to
+train) and ``forward`` (one call of the model on a batch from the task's collate).
+
+- ``hf``: transformers + peft + bitsandbytes. Every device, task and strategy.
+- ``liger``: the same, with Liger Kernel's Triton RMSNorm, RoPE, SwiGLU and fused linear cross-entropy
+  patched into transformers' classes for the model's architecture (CUDA; ``pip install '.[liger]'``).
+- ``unsloth``: Unsloth's model: fused 4-bit LoRA autograd functions, Triton kernels, its offloaded gradient
+  checkpointing and chunked cross-entropy (CUDA, causal LM, DDP; ``pip install '.[unsloth]'``). Importing
+  Unsloth patches transformers for the whole process, so the worker imports it before transformers, and
+  only GPU workers that use it ever do (the driver, the CPU path and other backends never import it).
+  Packed rows go to it as one row with restarting ``position_ids``, from which it builds the per-example
+  (block-diagonal) attention; logits come back in the batch's shape.
+- ``auto`` (the default): ``unsloth`` where it can run and is installed, else ``hf``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+
+from orchestrator.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("hf", "liger", "unsloth")
+
+
+def unsupported(cfg: RunConfig, backend: str) -> str | None:
+    """Why ``backend`` cannot run this config (checked before Ray starts), or None."""
+    if backend in ("hf", "auto"):
+        return None
+    if not cfg.scaling.use_gpu:
+        return f"train.backend={backend} runs on CUDA GPUs only (scaling.use_gpu is false); use hf or auto"
+    if backend == "unsloth":
+        if cfg.model.task != "causal_lm":
+            return "train.backend=unsloth trains causal LMs only; token classification uses hf or liger"
+        if cfg.train.strategy != "ddp":
+            return f"train.backend=unsloth runs under DDP only, not train.strategy={cfg.train.strategy}"
+        if cfg.quantization.bits == 8:
+            return "train.backend=unsloth loads 4-bit or 16-bit bases, not quantization.bits=8"
+        if cfg.quantization.bits == 4 and cfg.quantization.quant_type != "nf4":
+            return "train.backend=unsloth quantizes with nf4, not quantization.quant_type=fp4"
+    return None
+
+
+_MODULE = {"liger": "liger_kernel", "unsloth": "unsloth"}
+
+
+def installed(backend: str) -> bool:
+    return backend == "hf" or importlib.util.find_spec(_MODULE[backend]) is not None
+
+
+def resolve(cfg: RunConfig, device: torch.device) -> str:
+    """The backend this worker runs: ``auto`` picks unsloth on a GPU where it can run and is installed (and
+    nothing in this process imported transformers before it), else hf."""
+    b = cfg.train.backend
+    if b == "auto":
+        fast = (device.type == "cuda" and unsupported(cfg, "unsloth") is None and installed("unsloth")
+                and "transformers" not in sys.modules)
+        return "unsloth" if fast else "hf"
+    if b != "hf" and device.type != "cuda":
+        raise ConfigError(f"train.backend={b}: this worker has no CUDA device")
+    if not installed(b):
+        raise ConfigError(f"train.backend={b}: {_MODULE[b]} is not installed in the workers' environment "
+                          f"(pip install '.[{b}]')")
+    return b
+
+
+class Backend:
+    """transformers + peft (``hf``): the reference every other backend is checked against."""
+
+    name = "hf"
+
+    def load(self, cfg: RunConfig, device: torch.device, labels: list[str] | None) -> torch.nn.Module:
+        from orchestrator.model import load_for_training
+
+        return load_for_training(cfg, device, labels)
+
+    def forward(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor], train: bool = True) -> Any:
+        return module(**inputs)
+
+    def training_module(self, model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+        from orchestrator.loss import training_module
+
+        return training_module(model, cfg.model.task, cfg.train.loss_chunk_tokens)
+
+
+class LigerBackend(Backend):
+    """``hf`` with Liger Kernel's Triton modules patched into the architecture's classes before loading."""
+
+    name = "liger"
+
+    def load(self, cfg, device, labels):
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel
+        from transformers import AutoConfig
+
+        from orchestrator.model import check_model_source
+
+        conf = AutoConfig.from_pretrained(check_model_source(cfg.model.name_or_path),
+                                          trust_remote_code=cfg.model.trust_remote_code)
+        causal = cfg.model.task == "causal_lm"
+        _apply_liger_kernel(conf.model_type, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                            fused_linear_cross_entropy=causal)
+        return super().load(cfg, device, labels)
+
+    def training_module(self, model, cfg):
+        return model  # the fused linear cross-entropy already never materialises the logits
+
+
+class UnslothBackend(Backend):
+    """Unsloth's fast model (imported here, in the GPU worker, before anything imports transformers)."""
+
+    name = "unsloth"
+
+    def load(self, cfg, device, labels):
+        if "transformers" in sys.modules and "unsloth" not in sys.modules:
+            raise ConfigError("train.backend=unsloth: transformers was imported in this worker before Unsloth "
+                              "could patch it; use train.backend=hf or a fresh worker process")
+        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+        import unsloth  # noqa: F401  (patches transformers: must come first)
+        from unsloth import FastLanguageModel
+
+        from orchestrator.model import DTYPES, bnb_config, check_model_source
+
+        q, t = cfg.quantization, cfg.train
+        kwargs: dict[str, Any] = {}
+        if q.bits == 4:
+            kwargs["quantization_config"] = bnb_config(cfg)
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=check_model_source(cfg.model.name_or_path),
+            max_seq_length=cfg.data.max_seq_length * (t.micro_batch_size if cfg.data.packing else 1),
+            dtype=DTYPES[q.compute_dtype], load_in_4bit=q.bits == 4, device_map={"": device},
+            trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+            use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False,
+            random_state=t.seed, **kwargs)
+        lc = cfg.lora
+        model = FastLanguageModel.get_peft_model(
+            model, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
+            target_modules=linear_names(model) if lc.target_modules == "all-linear" else lc.target_modules,
+            modules_to_save=lc.modules_to_save or None,
+            use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False, random_state=t.seed)
+        model.config.use_cache = False
+        model.train()
+        return model
+
+    def forward(self, module, inputs, train=True):
+        shape = inputs["input_ids"].shape
+        packed = "position_ids" in inputs and "attention_mask" not in inputs
+        if packed:  # one row; Unsloth infers the examples' boundaries from the restarting position_ids
+            inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
+        if not train:  # without labels Unsloth returns the logits (the task's metrics need them)
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        out = module(**inputs)
+        if packed and getattr(out, "logits", None) is not None and out.logits.numel():
+            out.logits = out.logits.reshape(*shape, -1)
+        return out
+
+    def training_module(self, model, cfg):
+        return model  # Unsloth computes its chunked cross-entropy itself
+
+
+def linear_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the decoder's linear layers (``all-linear``, as peft reads it: every linear but the
+    output head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, mod in model.named_modules():
+        if mod is head or name.endswith("lm_head"):
+            continue
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def make_backend(name: str) -> Backend:
+    return {"hf": Backend, "liger": LigerBackend, "unsloth": UnslothBackend}[name]()
