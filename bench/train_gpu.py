@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,30 @@ VARIANTS = {
     "project-zero3": {"train.micro_batch_size": 4, "train.gradient_checkpointing": True,
                       "train.strategy": "deepspeed_zero3", "quantization.quant_storage": "bfloat16"},
 }
+PEERS = ("hf", "liger", "unsloth")  # bench/peer_qlora.py, one process each
+
+
+def variant_overrides(name: str) -> dict:
+    """A named variant, or ``project-<backend>[-mbN]``: train.backend (auto, hf, liger, unsloth) at micro-batch N
+    (default 4), gradient checkpointing on."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    m = re.fullmatch(r"project-(auto|hf|liger|unsloth)(?:-mb(\d+))?", name)
+    if not m:
+        raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, project-<backend>[-mbN], "
+                         f"or a peer {PEERS}")
+    return {"train.backend": m[1], "train.micro_batch_size": int(m[2] or 4), "train.gradient_checkpointing": True}
+
+
+def run_peer(variant: str, model: str, shapes: str, steps: int) -> dict:
+    """One peer in its own process (Unsloth patches transformers process-wide)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench/peer_qlora.py"), "--variant", variant, "--model",
+                               model, "--shapes", shapes, "--steps", str(steps), "--out", f.name],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            return {"error": proc.stderr[-2000:]}
+        return json.loads(Path(f.name).read_text())
 
 
 def base_config(model: str, mix: str, data_file: str, steps: int, out: str):
@@ -75,7 +100,7 @@ def base_config(model: str, mix: str, data_file: str, steps: int, out: str):
     return validate_config({
         "name": f"bench-{mix}", "model": {"name_or_path": model, "task": "causal_lm", "attn_implementation": "sdpa"},
         "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"format": "qa_jsonl", "train": [data_file], "max_seq_length": MAXLEN[mix], "packing": True,
                  "chat_template": "plain", "tokenize_actors": 2, "split_fractions": [0.98, 0.01, 0.01]},
         "train": {"max_steps": steps, "micro_batch_size": 4, "lr": 2e-4, "precision": "bf16",
@@ -236,6 +261,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--variants", nargs="+", default=["baseline", "project"])
     ap.add_argument("--tag", default="")
+    ap.add_argument("--peer-shapes", default=None, help="SEQxBATCH,... for the peers (default: the mix's length "
+                    "at micro-batch 4 and 8)")
     args = ap.parse_args()
     import ray
     import torch
@@ -259,12 +286,20 @@ def main() -> None:
         t0 = time.perf_counter()
         if v in ("baseline", "baseline-amp"):
             r = run_baseline(args.model, rows, MAXLEN[args.mix], args.steps, amp=v == "baseline-amp")
+        elif v in PEERS:  # keyed by peer name at the first shape, by peer-SHAPE for every shape
+            shapes = args.peer_shapes or f"{MAXLEN[args.mix]}x4,{MAXLEN[args.mix]}x8"
+            peer = run_peer(v, args.model, shapes, args.steps - 2)
+            for shape, pr in peer.get("runs", {}).items():
+                seq, bs = map(int, shape.split("x"))
+                pr.update(peer=v, micro_batch=bs, max_seq_length=seq, load_s=peer["load_s"], versions=peer["versions"])
+                results[f"{v}-{shape}"] = pr
+            r = dict(results.get(f"{v}-{shapes.split(',')[0]}") or {"error": peer.get("error", "no runs")})
         else:
             from orchestrator.config import set_fields
 
             name, _, workers = v.partition("@")  # project-mb8@2: the variant on 2 GPU workers (DDP)
             cfg = set_fields(base_config(args.model, args.mix, str(data_file), args.steps, str(work)),
-                             {"name": f"bench-{args.mix}-{v.replace('@', '-x')}", **VARIANTS[name],
+                             {"name": f"bench-{args.mix}-{v.replace('@', '-x')}", **variant_overrides(name),
                               "scaling.num_workers": int(workers or 1)})
             prepared = prepared or prepare_data(cfg)
             try:
@@ -277,11 +312,15 @@ def main() -> None:
     sampler.stop()
     n_params = 6.74e9 if cfg_json["hidden_size"] == 4096 else None
     for v, r in results.items():
-        if "error" in r:
+        if "error" in r or "oom" in r:
             continue
         seq = r.get("padded_to") or r.get("max_seq_length")
-        per_gpu = r.get("median_tokens_per_s_per_gpu", r["median_tokens_per_s"])
+        per_gpu = r.get("median_tokens_per_s_per_gpu", r.get("median_tokens_per_s"))
         r["mfu"] = mfu(per_gpu, cfg_json, n_params, gpu, seq) if n_params else None
+        same = results.get(f"unsloth-{seq}x{r.get('micro_batch')}")  # Unsloth at the same tokens per step
+        if v.startswith("project") and same and "median_tokens_per_s_per_gpu" in same:
+            r["tokens_per_s_vs_unsloth"] = round(per_gpu / same["median_tokens_per_s_per_gpu"], 3)
+            r["peak_allocated_vs_unsloth"] = round(r["peak_allocated_mb"] / same["peak_allocated_mb"], 3)
         if "baseline" in results:
             r["tokens_per_s_vs_baseline"] = round(per_gpu / results["baseline"]["median_tokens_per_s"], 3)
         # scaling efficiency = throughput(n) / (n * throughput(1)), same run, same host; throughput(1): the same

@@ -456,6 +456,9 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
     loop = {"run": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "labels": prepared.labels,
             "rows_per_rank": rows_per_rank, "fault": os.environ.get(FAULT_ENV),
             "val_batches_max": max(math.ceil(n / cfg.train.micro_batch_size) for n in val_rows)}
+    # Unsloth must import before transformers in its worker: a runtime env of their own keeps GPU workers off
+    # the pool of processes that ran data tasks (and imported transformers) for this job
+    worker_env = {"env_vars": {"ORCHESTRATOR_TRAIN_BACKEND": cfg.train.backend}} if s.use_gpu else None
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
@@ -464,7 +467,7 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
         datasets=shards,
         dataset_config=shard_config(),
         run_config=RayRunConfig(
-            name="train", storage_path=str(run_dir), callbacks=callbacks,
+            name="train", storage_path=str(run_dir), callbacks=callbacks, worker_runtime_env=worker_env,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.train.checkpoint_metric,
