@@ -11,7 +11,9 @@ every process (B = 0 at init would leave A's gradient zero), then on one fixed p
 tokens, 3 examples each, position_ids restarting per example, prompt tokens unlabelled) records:
 
 - the training loss and every LoRA gradient (``backend.forward`` in train mode, backward);
-- packed vs separate: the logits of each example inside the packed rows against the same example run alone;
+- packed vs separate: the logits of each example inside the packed rows against the same example run alone
+  (max and mean |difference|), beside the mean |difference| that attention across the boundaries gives (the
+  same rows with one running position), so bf16 noise and a leak can be told apart;
 - a short loss curve: 15 AdamW steps (lr 1e-4) on fixed batches.
 
 ``compare`` states, for each backend against hf: loss difference, per-tensor gradient cosine similarity and
@@ -97,16 +99,24 @@ def run(args) -> None:
     model.eval()
     with torch.no_grad(), autocast():
         packed = backend.forward(model, dict(inputs), train=False).logits.float()
-        worst, start, row = 0.0, 0, 0
+        # and, for scale, what attention across the boundaries would give: the row with one running position
+        rows = dict(inputs, position_ids=torch.arange(SEQ, device=device).expand(ROWS, SEQ))
+        leaky = backend.forward(model, rows, train=False).logits.float()
+        diffs, leaks, start, row = [], [], 0, 0
         for i, (ids, lab) in enumerate(data[0][1]):
             if i and i % PER_ROW == 0:
                 row, start = row + 1, 0
             alone = backend.forward(model, {"input_ids": ids[None].to(device), "labels": lab[None].to(device),
                                             "position_ids": torch.arange(len(ids), device=device)[None]},
                                     train=False).logits.float()[0]
-            worst = max(worst, (packed[row, start:start + len(ids)] - alone).abs().max().item())
+            diffs.append((packed[row, start:start + len(ids)] - alone).abs())
+            if start:  # an example after the row's first: what leaking attention would change
+                leaks.append((leaky[row, start:start + len(ids)] - alone).abs())
             start += len(ids)
-        scale = packed.abs().max().item()
+        worst = max(d.max().item() for d in diffs)
+        scale = {"max_abs_logit": packed.abs().max().item(),
+                 "packed_vs_alone_mean_abs": torch.cat([d.flatten() for d in diffs]).mean().item(),
+                 "leaky_vs_alone_mean_abs": torch.cat([d.flatten() for d in leaks]).mean().item()}
     model.train()
     # 3. a short loss curve
     opt = torch.optim.AdamW(list(lora.values()), lr=1e-4)
@@ -136,7 +146,7 @@ def compare(args) -> None:
     for f in sorted(out.glob("*.pt")):
         r = torch.load(f, weights_only=False)
         entry = {"loss": round(r["loss"], 6), "packed_vs_alone_max_abs_logit_diff": round(r["packed_vs_alone_max_abs"], 5),
-                 "max_abs_logit": round(r["logit_scale"], 3), "curve": r["curve"], "load_s": r["load_s"]}
+                 **{k: round(v, 5) for k, v in r["logit_scale"].items()}, "curve": r["curve"], "load_s": r["load_s"]}
         if r["backend"] != "hf":
             common = sorted(set(r["grads"]) & set(ref["grads"]))
             cos, rel = [], []

@@ -158,7 +158,7 @@ class UnslothBackend(Backend):
         if not train:  # without labels Unsloth returns the logits (the task's metrics need them)
             inputs = {k: v for k, v in inputs.items() if k != "labels"}
         out = module(**inputs)
-        if packed and getattr(out, "logits", None) is not None and out.logits.numel():
+        if packed and not train:  # (in training Unsloth leaves the logits unmaterialised)
             out.logits = out.logits.reshape(*shape, -1)
         return out
 
