@@ -137,6 +137,50 @@ def run(args) -> None:
                       "logit_scale": scale, "curve": curve}))
 
 
+def timing(args) -> None:
+    """Median train-step time of one backend per input layout and autocast setting (no Ray, no optimizer)."""
+    import contextlib
+
+    import torch
+
+    from bench.train_gpu import base_config
+    from orchestrator.backends import make_backend
+    from orchestrator.config import set_fields
+
+    cfg = set_fields(base_config(args.model, "qa", "unused.jsonl", 15, "/tmp/unused"),
+                     {"train.backend": args.backend, "lora.dropout": 0.0})
+    backend = make_backend(args.backend)
+    device = torch.device("cuda:0")
+    model = backend.load(cfg, device, None)
+    module = backend.training_module(model, cfg)
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    data = [{k: v.to(device) for k, v in b.items()} for b, _ in batches(vocab, 10, seed=2)]
+    layouts = {
+        "rows": lambda i: {"input_ids": data[0]["input_ids"], "labels": data[0]["input_ids"]},
+        "packed-same": lambda i: data[0],
+        "packed-varying": lambda i: data[i % len(data)],
+    }
+    out = {}
+    for amp in (True, False):
+        for name, make in layouts.items():
+            times = []
+            for i in range(10):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+                with ctx:
+                    loss = backend.forward(module, make(i)).loss
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            key = f"{name}{'' if amp else '-noamp'}"
+            out[key] = {"median_s": round(statistics.median(times[3:]), 4), "first_s": round(times[0], 3)}
+            print(json.dumps({key: out[key]}), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"timing_{args.backend}.json").write_text(json.dumps(out, indent=1))
+
+
 def compare(args) -> None:
     import torch
 
@@ -174,11 +218,15 @@ def main() -> None:
     r.add_argument("--model", required=True)
     r.add_argument("--backend", required=True, choices=["hf", "liger", "unsloth"])
     r.add_argument("--out", required=True)
+    tm = sub.add_parser("time")
+    tm.add_argument("--model", required=True)
+    tm.add_argument("--backend", required=True, choices=["hf", "liger", "unsloth"])
+    tm.add_argument("--out", required=True)
     c = sub.add_parser("compare")
     c.add_argument("--out", required=True)
     c.add_argument("--json")
     args = ap.parse_args()
-    run(args) if args.cmd == "run" else compare(args)
+    {"run": run, "time": timing, "compare": compare}[args.cmd](args)
 
 
 if __name__ == "__main__":
