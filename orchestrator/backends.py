@@ -127,6 +127,9 @@ class UnslothBackend(Backend):
         import unsloth  # noqa: F401  (patches transformers: must come first)
         from unsloth import FastLanguageModel
 
+        if cfg.data.packing and flash_varlen_for_packed_rows():
+            log.info("packed rows: one flash-attention varlen call per layer (torch %s)", torch.__version__)
+
         from orchestrator.model import DTYPES, bnb_config, check_model_source
 
         q, t = cfg.quantization, cfg.train
@@ -164,6 +167,38 @@ class UnslothBackend(Backend):
 
     def training_module(self, model, cfg):
         return model  # Unsloth computes its chunked cross-entropy itself
+
+
+def flash_varlen_for_packed_rows() -> bool:
+    """Packed rows in one flash-attention call per layer on torches without ``varlen_attn(enable_gqa=...)``.
+
+    Unsloth sends packed rows through torch's flash varlen kernel only from torch 2.12 (whose ``varlen_attn``
+    takes ``enable_gqa``); before that it runs one SDPA call per run of equal segment lengths, which made a
+    packed 4 x 512 step 2.2x slower than an unpacked one on an H100 (bench/backend_check.py time). The flash
+    varlen kernel itself is in torch 2.11 (``aten._flash_attention_forward`` with cumulative lengths); this
+    hands Unsloth a ``varlen_attn`` built on it (grouped K/V expanded to the query heads). No-op where Unsloth
+    already has one, flash attention is missing, or Unsloth's dispatch module differs from the pinned one.
+    """
+    try:
+        from unsloth.utils import attention_dispatch as ad
+    except ImportError:
+        return False
+    if getattr(ad, "_TORCH_VARLEN_ATTN", True) is not None or not hasattr(ad, "_LeanFlashVarlen"):
+        return False
+    if not torch.backends.cuda.is_flash_attention_available():
+        return False
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        if enable_gqa and k.shape[1] != q.shape[1]:  # (tokens, heads, dim)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        left, right = window_size
+        return ad._LeanFlashVarlen.apply(q, k, v, cu_q, max_q, (left, right) == (-1, 0), scale, left, right)
+
+    ad._TORCH_VARLEN_ATTN = varlen_attn
+    ad._LEAN_VARLEN = True
+    ad._varlen_can_use_cudnn = lambda *args, **kwargs: False
+    return True
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
