@@ -85,8 +85,10 @@ def run(args) -> None:
     data = batches(vocab, 15, seed=1)
     inputs = {k: v.to(device) for k, v in data[0][0].items()}
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    def autocast():  # as the training loop runs the backend
+        import contextlib
+
+        return torch.autocast("cuda", dtype=torch.bfloat16) if backend.autocast else contextlib.nullcontext()
 
     # 1. loss and LoRA gradients on one packed batch
     module = backend.training_module(model, cfg)

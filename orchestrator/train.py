@@ -115,8 +115,9 @@ def make_scheduler(cfg: RunConfig, optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def autocast(cfg: RunConfig, device: torch.device):
-    if cfg.train.precision == "fp32":
+def autocast(cfg: RunConfig, device: torch.device, enabled: bool = True):
+    """Mixed precision per ``train.precision`` (off where the backend runs its model in the compute dtype)."""
+    if cfg.train.precision == "fp32" or not enabled:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -233,7 +234,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         core.eval()
         acc = EvalAccumulator()
         shard, n, batch = my_shard("validation"), 0, None
-        with torch.no_grad(), autocast(cfg, device):
+        with torch.no_grad(), autocast(cfg, device, backend.autocast):
             for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=task.collate,
                                                   device=device):
                 task.accumulate(acc, batch, backend.forward(core, task.forward_inputs(batch), train=False))
@@ -297,7 +298,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 t_wait = time.perf_counter()
                 batch = next(batches)  # time blocked here is time the device waits for the data stream
                 wait_window += time.perf_counter() - t_wait
-                with strategy.accumulating(last=k == n_micro - 1), autocast(cfg, device):
+                with strategy.accumulating(last=k == n_micro - 1), autocast(cfg, device, backend.autocast):
                     out = backend.forward(strategy.model, task.forward_inputs(batch))
                     loss = out.loss / n_micro
                 strategy.backward(loss)
