@@ -78,6 +78,11 @@ class Backend:
 
     name = "hf"
     autocast = True  # the loop's mixed precision (prepare_model_for_kbit_training leaves fp32 layers)
+    host_batches = False  # True: the loop receives training batches on the host and calls to_device
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """A training batch on ``device`` (Ray Data already moved it unless ``host_batches``)."""
+        return batch
 
     def load(self, cfg: RunConfig, device: torch.device, labels: list[str] | None) -> torch.nn.Module:
         from orchestrator.model import load_for_training
@@ -121,6 +126,19 @@ class UnslothBackend(Backend):
     name = "unsloth"
     autocast = False  # the model runs in the compute dtype and its kernels cast themselves, as Unsloth's
     # examples run it; autocast only added casts (a 4 x 512 step 0.235 -> 0.219 s on an H100)
+    host_batches = True  # packed rows' example lengths are read on the host, before the batch moves
+
+    def to_device(self, batch, device):
+        """Packed rows also get ``packed_seq_lengths`` (every example's length, in row order, a host tensor):
+        given it, Unsloth stages the lengths through pinned memory instead of reading them back from the
+        device, a host sync per micro-batch that would stall the queue of launched work."""
+        out = {k: v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
+               for k, v in batch.items()}
+        if "position_ids" in batch and "attention_mask" not in batch:
+            pos = batch["position_ids"].reshape(-1)
+            starts = torch.cat([torch.nonzero(pos == 0).flatten(), torch.tensor([pos.numel()])])
+            out["packed_seq_lengths"] = torch.diff(starts).to(torch.int32)
+        return out
 
     def load(self, cfg, device, labels):
         if "transformers" in sys.modules and "unsloth" not in sys.modules:
@@ -159,8 +177,9 @@ class UnslothBackend(Backend):
     def forward(self, module, inputs, train=True):
         shape = inputs["input_ids"].shape
         packed = "position_ids" in inputs and "attention_mask" not in inputs
-        if packed:  # one row; Unsloth infers the examples' boundaries from the restarting position_ids
-            inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
+        if packed:  # one row; Unsloth takes the examples' boundaries from packed_seq_lengths when given, else
+            # infers them from the restarting position_ids
+            inputs = {k: v if k == "packed_seq_lengths" else v.reshape(1, -1) for k, v in inputs.items()}
         if not train:  # without labels Unsloth returns the logits (the task's metrics need them)
             inputs = {k: v for k, v in inputs.items() if k != "labels"}
         out = module(**inputs)

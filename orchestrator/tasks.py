@@ -35,7 +35,8 @@ class Task:
         self.collate = make_collate(pad_id, packed)
 
     def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+        return {k: v for k, v in batch.items()
+                if k in ("input_ids", "labels", "attention_mask", "position_ids", "packed_seq_lengths")}
 
     def accumulate(self, acc: EvalAccumulator, batch: dict[str, torch.Tensor], out) -> None:
         n = int((batch["labels"] != IGNORE).sum())

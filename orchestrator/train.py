@@ -280,23 +280,49 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         pg = ray.util.get_current_placement_group()
         if pg is not None:
             (run_dir / PLACEMENT_GROUP_FILE).write_text(pg.id.hex())
+    def record(done: dict[str, Any]) -> None:
+        """A finished step's metrics: its figures read from the device (the one host sync of a step), kept in
+        the history, printed and reported; eval steps also validate and checkpoint."""
+        nonlocal t_window, tok_window
+        loss_, tokens_, norm_ = done.pop("figures").tolist()
+        tok_window += int(tokens_)
+        now = time.perf_counter()
+        tokens_total = tok_window * world
+        metrics = {"step": done["step"], "epoch": done["epoch"], "loss": loss_, "lr": done["lr"],
+                   "grad_norm": norm_, "tokens_per_s": tokens_total / max(now - t_window, 1e-9),
+                   "real_tokens": tokens_total, "step_time_s": now - t_window, "data_wait_s": done["data_wait_s"],
+                   "timestamp": time.time(), "peak_memory_mb": peak_memory_mb(device)}
+        if device.type == "cuda":
+            metrics["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+        t_window, tok_window = now, 0
+        if done["is_eval"]:
+            metrics.update(evaluate())
+        history.append(metrics)
+        if rank == 0 and (done["step"] % t.log_every == 0 or done["is_eval"]):
+            print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}))
+        if done["is_eval"]:
+            save_and_report(metrics)
+        elif done["step"] % t.log_every == 0:
+            ray.train.report(metrics)
+
     train_shard = my_shard("train")
     t_window, tok_window, wait_window = time.perf_counter(), 0, 0.0
+    pending: dict[str, Any] | None = None  # the previous step, recorded once this step's work is queued
     while step < plan.total_steps:
         batches = iter(train_shard.iter_torch_batches(
-            batch_size=t.micro_batch_size, collate_fn=task.collate, device=device,
+            batch_size=t.micro_batch_size, collate_fn=task.collate, device=None if backend.host_batches else device,
             local_shuffle_buffer_size=max(256, 4 * t.micro_batch_size), local_shuffle_seed=t.seed + epoch))
         for _ in range(micro_done):  # data position on resume: skip what was consumed
             next(batches)
         while micro_done < plan.micro_per_epoch and step < plan.total_steps:
             n_micro = plan.micro_in_step(micro_done // t.grad_accum, t.grad_accum)
-            # the step's figures stay on the device until one read after the optimizer step: no host sync
-            # per micro-batch, so the host queues the next micro-batch while the device runs this one
+            # The step's figures stay on the device; the host reads them once, after the next step's forward
+            # and backward are queued, so the device never waits for the host's bookkeeping between steps
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             tokens = torch.zeros((), dtype=torch.int64, device=device)
             for k in range(n_micro):
                 t_wait = time.perf_counter()
-                batch = next(batches)  # time blocked here is time the device waits for the data stream
+                batch = backend.to_device(next(batches), device)  # time blocked here: the device waits for data
                 wait_window += time.perf_counter() - t_wait
                 with strategy.accumulating(last=k == n_micro - 1), autocast(cfg, device, backend.autocast):
                     out = backend.forward(strategy.model, task.forward_inputs(batch))
@@ -304,6 +330,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 strategy.backward(loss)
                 loss_sum += loss.detach().double()
                 tokens += count_real_tokens(batch).to(device)
+            if pending:
+                record(pending)
+                pending = None
             micro_done += n_micro
             grad_norm = strategy.step()  # clip, optimizer step, zero grads
             scheduler.step()
@@ -313,29 +342,15 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             if world > 1:  # mean over ranks: one small all_reduce, not a pickled gather
                 dist.all_reduce(step_loss)
                 step_loss /= world
-            figures = torch.stack([step_loss, tokens.double(),
-                                   torch.as_tensor(grad_norm, dtype=torch.float64, device=device)]).tolist()
-            step_loss, tok_window, grad_norm = figures[0], tok_window + int(figures[1]), figures[2]
-            now = time.perf_counter()
-            tokens_total = tok_window * world
-            metrics = {"step": step, "epoch": epoch + micro_done / plan.micro_per_epoch,
-                       "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, "tokens_per_s": tokens_total / max(now - t_window, 1e-9),
-                       "real_tokens": tokens_total, "step_time_s": now - t_window, "data_wait_s": wait_window, "timestamp": time.time(),
-                       "peak_memory_mb": peak_memory_mb(device)}
-            if device.type == "cuda":
-                metrics["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
-            t_window, tok_window, wait_window = now, 0, 0.0
-            is_eval = step % t.eval_every == 0 or step == plan.total_steps
-            if is_eval:
-                metrics.update(evaluate())
-            history.append(metrics)
-            if rank == 0 and (step % t.log_every == 0 or is_eval):
-                print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}))
-            if is_eval:
-                save_and_report(metrics)
-            elif step % t.log_every == 0:
-                ray.train.report(metrics)
+            done = {"step": step, "epoch": epoch + micro_done / plan.micro_per_epoch, "lr": scheduler.get_last_lr()[0],
+                    "data_wait_s": wait_window, "is_eval": step % t.eval_every == 0 or step == plan.total_steps,
+                    "figures": torch.stack([step_loss, tokens.double(),
+                                            torch.as_tensor(grad_norm, dtype=torch.float64, device=device)])}
+            wait_window = 0.0
+            if done["is_eval"]:  # validation and the checkpoint need this step's figures now
+                record(done)
+            else:
+                pending = done
         if micro_done >= plan.micro_per_epoch:
             epoch, micro_done = epoch + 1, 0
 
