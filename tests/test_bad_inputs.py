@@ -148,6 +148,11 @@ CONFIG_CASES = [
     (["--set", "scaling.num_workers=0"], "run.yaml: scaling.num_workers: Input should be greater than or equal to 1"),
     (["--set", "train.micro_batch_size=[1,2]"], "run.yaml: train.micro_batch_size: Input should be a valid integer"),
     (["--set", "train.lr=1e-4", "--set", "lora.r=0", "--set", "lora.alpha=-1"], "lora.r: Input should be greater"),
+    (["--set", "train.backend=unsloth"], "train.backend=unsloth runs on CUDA GPUs only (scaling.use_gpu is false)"),
+    (["--set", "train.backend=liger"], "train.backend=liger runs on CUDA GPUs only"),
+    (["--set", "train.backend=unsloth", "--set", "scaling.use_gpu=true", "--set", "train.strategy=deepspeed_zero2"],
+     "train.backend=unsloth runs under DDP only, not train.strategy=deepspeed_zero2"),
+    (["--set", "train.backend=fast"], "train.backend: Input should be 'auto', 'hf', 'liger' or 'unsloth'"),
 ]
 
 

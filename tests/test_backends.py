@@ -1,0 +1,50 @@
+"""Training backends on the CPU: what `auto` picks, where a GPU backend refuses to run, the Unsloth backend's
+host-side packing metadata and `all-linear` names. The training loop itself runs the reference backend in
+test_train.py; the GPU backends' numerics against it are checked on a GPU by bench/backend_check.py."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from orchestrator.backends import UnslothBackend, linear_names, resolve
+from orchestrator.config import ConfigError, load_config, set_fields
+
+from .conftest import ROOT
+
+
+def _cfg(**sets):
+    return set_fields(load_config(ROOT / "configs/constitution-qa-tiny.yaml"), sets)
+
+
+def test_auto_is_hf_without_a_gpu_and_gpu_backends_refuse_a_cpu_worker():
+    cpu = torch.device("cpu")
+    assert resolve(_cfg(), cpu) == "hf"
+    assert resolve(_cfg(**{"train.backend": "hf"}), cpu) == "hf"
+    gpu_cfg = _cfg(**{"train.backend": "unsloth", "scaling.use_gpu": True})
+    with pytest.raises(ConfigError, match="train.backend=unsloth: this worker has no CUDA device"):
+        resolve(gpu_cfg, cpu)
+    # a GPU worker whose environment lacks Unsloth: named, with the extra that installs it
+    if "unsloth" not in sys.modules:
+        with pytest.raises(ConfigError, match=r"unsloth is not installed .*pip install '\.\[unsloth\]'"):
+            resolve(gpu_cfg, torch.device("cuda", 0))
+        assert resolve(_cfg(**{"scaling.use_gpu": True}), torch.device("cuda", 0)) == "hf"  # auto falls back
+
+
+def test_unsloth_batches_carry_each_examples_length_from_the_host():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1, 0, 1]])
+    batch = {"input_ids": pos + 5, "labels": pos + 5, "position_ids": pos, "num_tokens": torch.tensor([9, 9])}
+    out = UnslothBackend().to_device(batch, torch.device("cpu"))
+    assert out["packed_seq_lengths"].tolist() == [3, 2, 4, 5, 2, 2]
+    assert out["packed_seq_lengths"].device.type == "cpu" and int(out["packed_seq_lengths"].sum()) == pos.numel()
+    padded = UnslothBackend().to_device({"input_ids": pos, "attention_mask": pos >= 0}, torch.device("cpu"))
+    assert "packed_seq_lengths" not in padded  # padded rows: Unsloth reads the attention mask
+
+
+def test_all_linear_names_the_decoders_projections(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert linear_names(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
