@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/deploy.py CONFIG [--model MERGED_DIR]`
+"""`ray job submit --working-dir . -- python jobs/deploy.py CONFIG [CONFIG ...] [--model MERGED_DIR ...]`
 
 Deploys the Serve application on the cluster and returns; the application keeps running after the job
 ends (`serve status`, `serve shutdown`)."""
@@ -6,11 +6,11 @@ ends (`serve status`, `serve shutdown`)."""
 from _common import parse, run
 
 if __name__ == "__main__":
-    args = parse(__doc__, lambda ap: ap.add_argument("--model", action="append"))
+    args = parse(__doc__, lambda ap: ap.add_argument("--model", action="append"), many=True)
 
     def body():
         from orchestrator.deploy import run_serve
 
-        run_serve([args.config], args.overrides, args.model, blocking=False)
+        run_serve(args.config, args.overrides, args.model, blocking=False)
 
-    run(body)
+    run(body, args)

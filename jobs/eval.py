@@ -11,4 +11,4 @@ if __name__ == "__main__":
 
         run_eval(args.config, args.adapter, args.overrides, args.limit)
 
-    run(body)
+    run(body, args)

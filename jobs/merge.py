@@ -7,6 +7,8 @@ def _extra(ap):
     ap.add_argument("--adapter", required=True)
     ap.add_argument("--out")
     ap.add_argument("--method", choices=["16bit", "dequantized"], default="16bit")
+    ap.add_argument("--no-compare", action="store_true", help="measure only the chosen method's fidelity")
+    ap.add_argument("--examples", type=int, default=32, help="held-out examples for the fidelity check")
 
 
 if __name__ == "__main__":
@@ -15,6 +17,7 @@ if __name__ == "__main__":
     def body():
         from orchestrator.merge import run_merge
 
-        run_merge(args.config, args.adapter, args.overrides, args.out, args.method)
+        run_merge(args.config, args.adapter, args.overrides, args.out, args.method, not args.no_compare,
+                  args.examples)
 
-    run(body)
+    run(body, args)

@@ -14,4 +14,4 @@ if __name__ == "__main__":
         result = run_pipeline(args.config, args.overrides)
         print(f"pipeline outputs: {result.report_dir}")
 
-    run(body)
+    run(body, args)

@@ -10,4 +10,4 @@ if __name__ == "__main__":
 
         run_prepare(args.config, args.overrides, args.parquet_dir)
 
-    run(body)
+    run(body, args)

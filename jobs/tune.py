@@ -10,4 +10,4 @@ if __name__ == "__main__":
 
         run_tune(args.config, args.overrides, args.resume)
 
-    run(body)
+    run(body, args)

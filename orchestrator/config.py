@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PACKAGE_SCHEME = "package:"
 
 
+OUTPUT_DIR_VAR = "{output_dir}"  # in a path: the run's output_dir (what a later job on another machine finds)
+
+
 class ConfigError(ValueError):
     """A run config is unreadable or invalid. The message names the file, field and reason."""
 
@@ -28,7 +31,9 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Base model: a hub id or a local path, and the task it is fine-tuned for."""
 
-    name_or_path: str = Field(description="Hub id (e.g. meta-llama/Llama-2-7b-hf) or local directory.")
+    name_or_path: str = Field(description="Hub id (e.g. meta-llama/Llama-2-7b-hf) or local directory; "
+                              "`{output_dir}` in a path stands for the run's output_dir (the embedded model lives "
+                              "there, so later jobs find it wherever output_dir points).")
     task: Literal["causal_lm", "token_classification"] = "causal_lm"
     license: str = Field("other", description="License of the fine-tuned model, for its model cards (a Hub "
                          "license id such as apache-2.0; other when unknown).")
@@ -301,11 +306,13 @@ class RunConfig(_Strict):
         """Make every local path absolute (relative paths are relative to ``base``, default the CWD),
         so Ray workers, which may run elsewhere, see the same files. Hub ids stay as they are."""
         base = (base or Path.cwd()).resolve()
+        out = Path(self.output_dir).expanduser()
+        out = str(out if out.is_absolute() else base / out)
 
         def fix(p: str | None) -> str | None:
             if p is None or "://" in p:
                 return p
-            q = Path(p).expanduser()
+            q = Path(p.replace(OUTPUT_DIR_VAR, out)).expanduser()
             return str(q if q.is_absolute() else base / q)
 
         d = self.data
@@ -317,6 +324,8 @@ class RunConfig(_Strict):
         d.parquet_dir = fix(d.parquet_dir)
         self.output_dir = fix(self.output_dir)
         m = self.model.name_or_path
+        if OUTPUT_DIR_VAR in m:
+            m = self.model.name_or_path = fix(m)
         if not m.startswith(PACKAGE_SCHEME) and (self.model.build_tiny or (base / m).exists() or m.startswith((".", "/", "~"))):
             self.model.name_or_path = fix(m)
         return self

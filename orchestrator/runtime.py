@@ -24,6 +24,26 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     ctx.enable_progress_bars = True
 
 
+def in_ray_job() -> bool:
+    """True in the driver of a `ray job submit` job (its working directory a temporary copy)."""
+    return bool(os.environ.get("RAY_JOB_SUBMISSION_ID")) or "runtime_resources" in os.getcwd()
+
+
+def temporary_outputs_note(output_dirs: list[str]) -> str | None:
+    """One line when a job's outputs would land inside its temporary working directory, else None."""
+    from pathlib import Path
+
+    if not in_ray_job():
+        return None
+    cwd = Path.cwd().resolve()
+    inside = sorted({d for d in output_dirs if Path(d).resolve().is_relative_to(cwd)})
+    if not inside:
+        return None
+    return (f"note: output_dir {', '.join(inside)} is inside this job's temporary working directory: its outputs "
+            "(embedded model, adapters, merged models) go with it when the job ends and later jobs will not find "
+            "them; set --set output_dir=PATH on storage every node and later job sees")
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
