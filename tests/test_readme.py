@@ -4,8 +4,8 @@ then a request to the deployed model), and the Kubernetes render. Each must exit
 README names. A command added to the README runs here too, unless it is in SKIP with its reason.
 
 Only three things differ from a user's shell, all listed below: run lengths are shortened with `--set`
-(SHORTEN), the head gets free ports and /tmp/jobruns a test directory (SUBSTITUTE), and `.venv/bin/` is this
-interpreter's directory."""
+(SHORTEN; the demo's output_dir too), the head gets free ports and /tmp/jobruns a test directory
+(substitute), and `.venv/bin/` is this interpreter's directory."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ TINY = ["--set", "model.tiny_pretrain_steps=10", "--set", "data.qa.max_articles=
         "data.max_seq_length=128", "--set", "data.tokenize_actors=1", "--set", "train.max_steps=2",
         "--set", "train.eval_every=2", "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1"]
 SHORTEN = [
-    ("orchestrator demo", [
-        "--set", "runs.0.set.model.tiny_pretrain_steps=10", "--set", "set.train.max_steps=4",
+    ("orchestrator demo", [  # outputs under the test's directory, not the checkout's runs/ (which it would reuse)
+        "--set", "output_dir={tmp}/runs", "--set", "runs.0.set.model.tiny_pretrain_steps=10", "--set", "set.train.max_steps=4",
         "--set", "set.train.eval_every=2", "--set", "set.train.log_every=2", "--set", "set.data.max_seq_length=128",
         "--set", "set.data.max_examples=120", "--set", "set.data.qa.max_articles=12",
         "--set", "runs.0.tune_set.train.max_steps=2", "--set", "ask.max_tokens=8"]),
@@ -113,7 +113,7 @@ def test_readme_commands_run_as_written(tmp_path):
             if m := re.fullmatch(r"export (\w+)=(\S+)", cmd):
                 env[m[1]] = m[2]
                 continue
-            line = cmd + "".join(" " + shlex.quote(a) for a in extra)
+            line = cmd + "".join(" " + shlex.quote(a.format(tmp=tmp_path)) for a in extra)
             t0 = time.time()
             proc = subprocess.Popen(["bash", "-c", line], cwd=work, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -137,7 +137,7 @@ def test_readme_commands_run_as_written(tmp_path):
                 time.sleep(5)
             forget_ray_address(gcs)
     # the outputs the README names
-    demo = work / "runs/demo"
+    demo = tmp_path / "runs/demo"
     assert (demo / "report.md").exists() and (demo / "summary.json").exists() and (demo / "losses.png").exists()
     jobs = tmp_path / "jobruns/constitution-qa-tiny"
     assert (tmp_path / "jobruns/models/tiny-llama/config.json").exists()  # built by the first job, under output_dir
