@@ -92,7 +92,7 @@ def run_serve(configs: list[str | Path], overrides: list[str] | None = None, mod
     s = cfgs[0].serve
     out = Path(cfgs[0].output_dir) / "serve_config.yaml"
     atomic_write_text(out, serve_config(args, s.host, s.port))
-    init_ray()
+    init_ray(log_file=Path(cfgs[0].output_dir) / "ray.log")
     url = start(args, s.host, s.port)
     print(f"serve config: {out}")
     if blocking:

@@ -156,7 +156,7 @@ def run_eval(config: str | Path, adapter: str | Path, overrides: list[str] | Non
         from orchestrator.data import causal_lm_rows
         from orchestrator.runtime import init_ray
 
-        init_ray()
+        init_ray(log_file=cfg.run_dir / "ray.log")
         raw, _, _ = causal_lm_rows(cfg)
         result = evaluate_qa(cfg, adapter, raw.get("test") or raw["validation"], limit)
     atomic_write_text(adapter.parent / "eval.json", json.dumps(result, indent=2))

@@ -161,7 +161,7 @@ def heldout_rows(cfg: RunConfig) -> list[dict]:
         from orchestrator.data import causal_lm_rows
         from orchestrator.runtime import init_ray
 
-        init_ray()
+        init_ray(log_file=cfg.run_dir / "ray.log")
         raw, _, _ = causal_lm_rows(cfg)
     return raw.get("test") or raw.get("validation") or []
 

@@ -183,7 +183,7 @@ def run_pipeline(pipe: PipelineConfig, cfgs: list[RunConfig]) -> PipelineResult:
     outcomes = [RunOutcome(c) for c in cfgs]
     started_here = not ray.is_initialized()
     progress.stage(f"Ray: {'connecting' if not started_here else 'starting a local instance'}")
-    init_ray(pipe.num_cpus)
+    init_ray(pipe.num_cpus, log_file=report_dir / "ray.log")
     url = None
     try:
         if "train" in stages:

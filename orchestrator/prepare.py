@@ -48,7 +48,7 @@ def run_prepare(config: str | Path, overrides: list[str] | None = None, parquet_
     check_data_files(cfg)
     ensure_base_model(cfg)
     steps.update()
-    init_ray()
+    init_ray(log_file=cfg.run_dir / "ray.log")
     steps.set_postfix_str("read, segment, tokenize")
     prepared = prepare_data(cfg)
     steps.update()

@@ -488,7 +488,10 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.train.checkpoint_metric,
                                                checkpoint_score_order=cfg.train.checkpoint_mode)))
-    result = trainer.fit()
+    from orchestrator.runtime import console
+
+    with console.progress(f"train {cfg.name}", Plan.make(cfg, rows_per_rank).total_steps):
+        result = trainer.fit()
     if result.error:
         raise result.error
     latest = result.checkpoint
@@ -521,7 +524,7 @@ def run_train(config: str | Path, overrides: list[str] | None = None, resume: st
         resume_dir = Path(resume).resolve()
         cfg.output_dir, cfg.name = str(resume_dir.parent), resume_dir.name
     ensure_model(cfg)  # built on first use, or a one-line error, before Ray starts
-    init_ray()
+    init_ray(log_file=cfg.run_dir / "ray.log")
     result = run_training(cfg, resume=bool(resume))
     print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.json'}\n"
           f"report:  {result.run_dir / 'report.md'}")

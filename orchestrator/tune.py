@@ -351,5 +351,5 @@ def run_tune(config: str | Path, overrides: list[str] | None = None, resume: boo
 
     cfg = load_config(config, overrides)
     ensure_model(cfg)  # built on first use, or a one-line error, before Ray starts
-    init_ray()
+    init_ray(log_file=cfg.run_dir / "ray.log")
     return run_study(cfg, resume=resume)
