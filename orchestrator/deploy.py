@@ -67,6 +67,9 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> st
 
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    from orchestrator.runtime import console
+
+    console.reroute()  # Serve set up its own console logger
     return f"http://{host}:{port}"
 
 

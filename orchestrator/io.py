@@ -61,7 +61,10 @@ def _sniff(path: Path) -> str:
     return "pdf" if head.startswith(b"%PDF") else "gzip" if head.startswith(b"\x1f\x8b") else ""
 
 
-def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+MAX_LINE_BYTES = 16 * 2**20  # one record (a QA pair, a CoNLL token line, a JSON document) per line
+
+
+def text_lines(path: str | Path, max_line: int | None = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 text file, gzip-compressed when its name ends in .gz. A file that is not
     such text ends in one ValueError naming the file, the line and what the file looks like."""
     import gzip
@@ -72,8 +75,12 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     lineno, raw = 0, b""
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):  # decoded line by line, so the error names the line
-                yield lineno, raw.decode("utf-8")
+            while raw := f.readline(max_line + 1 if max_line else -1):  # bounded: no line read whole past the cap
+                lineno += 1
+                if max_line and len(raw) > max_line:
+                    raise ValueError(f"{path}:{lineno}: a line longer than {MAX_LINE_BYTES // 2**20} MiB "
+                                     "(one record per line expected)")
+                yield lineno, raw.decode("utf-8")  # decoded line by line, so the error names the line
     except UnicodeDecodeError:
         hint = "it is gzip-compressed: name it *.gz" if _sniff(path) == "gzip" else "binary data?"
         raise ValueError(f"{path}:{lineno}: not UTF-8 text ({hint})") from None
@@ -83,4 +90,4 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
 
 def read_text(path: str | Path) -> str:
     """A whole UTF-8 text file (gzip-aware), with the same one-line errors as :func:`text_lines`."""
-    return "".join(line for _, line in text_lines(path))
+    return "".join(line for _, line in text_lines(path, max_line=None))  # a JSON document may be one line

@@ -51,14 +51,18 @@ class Console:
         self.file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives with the process)
         self.handler = logging.StreamHandler(self.file)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        self._route_loggers()
+        self.reroute()
         logging.captureWarnings(True)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         print(f"Ray and library output: {self.path} (-v shows it here)", flush=True)
 
-    def _route_loggers(self) -> None:
-        for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "transformers", "peft", "DeepSpeed", "py.warnings"):
+    def reroute(self) -> None:
+        """Libraries' loggers to the log file (again: Ray Data and Serve set their own handlers when they start)."""
+        if self.file is None:
+            return
+        for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "transformers", "peft", "DeepSpeed",
+                     "bitsandbytes", "py.warnings"):
             lg = logging.getLogger(name)
             lg.handlers = [self.handler]
             lg.propagate = False
@@ -68,7 +72,7 @@ class Console:
         Ray Data's logger, configured when it is imported, is routed there again."""
         from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
 
-        self._route_loggers()
+        self.reroute()
         dispatcher.remove_handler("ray_print_logs")
         dispatcher.add_handler("orchestrator_log_file", self._worker_lines)
 

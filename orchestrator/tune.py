@@ -215,6 +215,7 @@ def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
     prepared = prepare_data(base)  # once on the driver; trials with the same data section re-read it
     max_t = evals_per_run(base, prepared.datasets["train"].count())
 
+    from orchestrator.runtime import console
     from orchestrator.train import FAULT_ENV
 
     trainable = ray.tune.with_parameters(run_trial, base=base.model_dump(mode="json"), study_dir=str(run_dir),
@@ -233,6 +234,7 @@ def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
                                             # never be handed to the next trial while still training
                                             reuse_actors=False),
             run_config=TuneRunConfig(name=STUDY, storage_path=str(run_dir), callbacks=[ReleaseStoppedTrials(str(run_dir))],
+                                     verbose=0 if console.file else 1,  # the quiet console: our table at the end
                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.trial_max_failures)))
     grid = tuner.fit()
     return write_study_outputs(cfg, run_dir, grid)

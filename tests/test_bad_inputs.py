@@ -33,6 +33,8 @@ def _write(path, data: bytes):
     (read_conll, lambda d: _write(d / "train.conll.gz", b"Aspirin\tB-Chemical\n"),
      r"train\.conll\.gz: not a readable gzip file"),
     (read_ner_json, lambda d: _write(d / "ner.json", b"[" + BINARY), r"ner\.json:1: not UTF-8 text"),
+    (read_qa_jsonl, lambda d: _write(d / "qa.jsonl", b'{"question": "q", "answer": "a"}\n' + b"x" * (17 * 2**20)),
+     r"qa\.jsonl:2: a line longer than 16 MiB \(one record per line expected\)"),
 ])
 def test_data_files_that_are_not_text(tmp_path, reader, make, match):
     with pytest.raises(ValueError, match=match) as e:
