@@ -115,11 +115,15 @@ def test_readme_commands_run_as_written(tmp_path):
                 continue
             line = cmd + "".join(" " + shlex.quote(a.format(tmp=tmp_path)) for a in extra)
             t0 = time.time()
-            proc = subprocess.Popen(["bash", "-c", line], cwd=work, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
-            if cmd.startswith("ray start --head"):
-                head_group = proc.pid  # its daemons stay in this process group
-            out, _ = proc.communicate(timeout=900)
+            for _ in range(24):  # a head just started may not have its job agent yet: Ray says to try again
+                proc = subprocess.Popen(["bash", "-c", line], cwd=work, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                if cmd.startswith("ray start --head"):
+                    head_group = proc.pid  # its daemons stay in this process group
+                out, _ = proc.communicate(timeout=900)
+                if "No available agent to submit job" not in out:
+                    break
+                time.sleep(5)
             ran.append((cmd, round(time.time() - t0)))
             assert proc.returncode == 0, f"README command failed ({proc.returncode}): {line}\n{out[-6000:]}"
             if cmd.startswith("curl"):
