@@ -63,13 +63,12 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> st
     """Deploy the app on the connected Ray cluster (waits until it is healthy) and return its base URL."""
     from ray import serve
 
+    from orchestrator.runtime import console
     from serve.app import build_app
 
     serve.start(http_options={"host": host, "port": port})
+    console.reroute()  # Serve sets up its own console logger when it starts
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
-    from orchestrator.runtime import console
-
-    console.reroute()  # Serve set up its own console logger
     return f"http://{host}:{port}"
 
 
