@@ -1,6 +1,12 @@
-"""Fault injection with figures: the training driver killed mid-run, then `--resume` (RELIABILITY.md).
+"""Fault injection with figures: a training or study driver killed mid-run, then `--resume` (RELIABILITY.md).
 
     python bench/faults.py driver-kill --repeats 3 [--kill-after-step 5] [--out bench/results/faults_driver_kill.json]
+    python bench/faults.py study-kill --repeats 2 [--out bench/results/faults_study_kill.json]
+
+study-kill: `orchestrator tune` (2 grid trials of 6 steps, one at a time, no early stopping) is killed the
+same way once its first trial's step 3 shows in ray.log, then `orchestrator tune ... --resume` continues the
+study; recorded: whether it finished with both trials complete, the interrupted trial's steps (each once),
+its final loss against the same trial in an uninterrupted study, and wall times.
 
 Per repeat, on the tiny QA config (12 steps, a checkpoint every 2): `orchestrator train` runs as its own
 process group; once the rank-0 worker's line for step K reaches the run's ray.log the whole group (driver,
@@ -37,6 +43,12 @@ def train(out: Path, model: Path, resume: bool = False, kill_after: int | None =
         argv += ["--set", f"{k}={v}"]
     if resume:
         argv += ["--resume", str(out / "constitution-qa-tiny")]
+    return _run(argv, out, kill_after)
+
+
+def _run(argv: list[str], out: Path, kill_after: int | None) -> dict:
+    """Run a CLI command in its own process group; with ``kill_after``, SIGKILL the group once the rank-0
+    worker's line for that step shows in the run's ray.log."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.time()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -56,6 +68,51 @@ def train(out: Path, model: Path, resume: bool = False, kill_after: int | None =
     proc.wait()
     time.sleep(2)
     return {"killed_after_step": seen, "wall_s": round(time.time() - t0, 1)}
+
+
+STUDY_SETS = {**SETS, "train.max_steps": 6, "tune.num_samples": 1, "tune.max_concurrent_trials": 1,
+              "tune.scheduler": "none", "tune.search_space": '{"train.lr": {"type": "grid", "values": [0.003, 0.001]}}'}
+
+
+def tune(out: Path, model: Path, resume: bool = False, kill_after: int | None = None) -> dict:
+    argv = [str(Path(sys.executable).parent / "orchestrator"), "tune", str(ROOT / "configs/constitution-qa-tiny.yaml")]
+    for k, v in {**STUDY_SETS, "output_dir": out, "model.name_or_path": model}.items():
+        argv += ["--set", f"{k}={v}"]
+    if resume:
+        argv += ["--resume"]
+    return _run(argv, out, kill_after)
+
+
+def trials(out: Path) -> list[dict]:
+    return json.loads((out / "constitution-qa-tiny" / "trials.json").read_text())
+
+
+def study_kill(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="faults-"))
+    model = work / "models/tiny-llama"
+    clean = tune(work / "clean", model)
+    assert clean["rc"] == 0, clean["console"]
+    ref = {t["train.lr"]: t for t in trials(work / "clean")}
+    repeats = []
+    for i in range(args.repeats):
+        out = work / f"r{i}"
+        killed = tune(out, model, kill_after=3)
+        resumed = tune(out, model, resume=True)
+        rec = {**killed, "resume_rc": resumed["rc"], "resume_wall_s": resumed["wall_s"]}
+        if resumed["rc"] == 0:
+            got = trials(out)
+            rec.update(trials=[{k: t.get(k) for k in ("train.lr", "status", "step", "last_val_loss")} for t in got],
+                       all_complete=len(got) == 2 and all(t["status"] == "completed" for t in got),
+                       last_val_loss_diff_vs_clean=max(abs(t["last_val_loss"] - ref[t["train.lr"]]["last_val_loss"])
+                                                       for t in got))
+        else:
+            rec["resume_console"] = resumed["console"]
+        repeats.append(rec)
+        print(json.dumps(rec), flush=True)
+    return {"command": "python bench/faults.py " + " ".join(sys.argv[1:]), "fault": "study driver SIGKILL",
+            "config": "configs/constitution-qa-tiny.yaml", "sets": STUDY_SETS, "clean_wall_s": clean["wall_s"],
+            "clean_trials": list(ref.values()), "repeats": repeats,
+            "resumed_ok": f"{sum(bool(r.get('all_complete')) for r in repeats)}/{len(repeats)}"}
 
 
 def history(out: Path) -> list[dict]:
@@ -109,8 +166,11 @@ def main() -> None:
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--kill-after-step", type=int, default=5)
     d.add_argument("--out", default=str(ROOT / "bench/results/faults_driver_kill.json"))
+    st = sub.add_parser("study-kill")
+    st.add_argument("--repeats", type=int, default=2)
+    st.add_argument("--out", default=str(ROOT / "bench/results/faults_study_kill.json"))
     args = ap.parse_args()
-    res = driver_kill(args)
+    res = driver_kill(args) if args.fault == "driver-kill" else study_kill(args)
     res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                    cwd=ROOT).stdout.strip()
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

@@ -95,7 +95,10 @@ def test_readme_commands_run_as_written(tmp_path):
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / rel).write_bytes((ROOT / rel).read_bytes())
     gcs, dash = free_port(), free_port()
-    substitute = [("ray start --head", f"ray start --head --port={gcs} --dashboard-port={dash}"),
+    # every port of the head free (this session's own Ray already holds the default agent ports)
+    ports = " ".join(f"--{opt}={free_port()}" for opt in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                           "runtime-env-agent-port", "metrics-export-port"))
+    substitute = [("ray start --head", f"ray start --head --port={gcs} --dashboard-port={dash} {ports}"),
                   ("127.0.0.1:8265", f"127.0.0.1:{dash}"), ("/tmp/jobruns", str(tmp_path / "jobruns"))]
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "RAY_DEDUP_LOGS": "1",
