@@ -29,9 +29,6 @@ from orchestrator.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("hf", "liger", "unsloth")
-
-
 def unsupported(cfg: RunConfig, backend: str) -> str | None:
     """Why ``backend`` cannot run this config (checked before Ray starts), or None."""
     if backend in ("hf", "auto"):

@@ -120,8 +120,6 @@ def in_ray_job() -> bool:
 
 def temporary_outputs_note(output_dirs: list[str]) -> str | None:
     """One line when a job's outputs would land inside its temporary working directory, else None."""
-    from pathlib import Path
-
     if not in_ray_job():
         return None
     cwd = Path.cwd().resolve()
