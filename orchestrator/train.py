@@ -310,7 +310,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     pending: dict[str, Any] | None = None  # the previous step, recorded once this step's work is queued
     while step < plan.total_steps:
         batches = iter(train_shard.iter_torch_batches(
-            batch_size=t.micro_batch_size, collate_fn=task.collate, device=None if backend.host_batches else device,
+            batch_size=t.micro_batch_size, collate_fn=task.collate, device="cpu" if backend.host_batches else device,
             local_shuffle_buffer_size=max(256, 4 * t.micro_batch_size), local_shuffle_seed=t.seed + epoch))
         for _ in range(micro_done):  # data position on resume: skip what was consumed
             next(batches)
