@@ -129,6 +129,21 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def stage_on_host(figures: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``figures`` copied to pinned host memory behind the work queued so far, with an event marking the copy.
+
+    A plain ``.tolist()`` on a CUDA tensor waits for everything queued on the stream, so reading a step's
+    figures after the next step's forward and backward were queued would still stall the host until those
+    finish; waiting on this event waits for the copy alone. On the CPU: the tensor itself, no event."""
+    if figures.device.type != "cuda":
+        return figures, None
+    host = torch.empty(figures.shape, dtype=figures.dtype, pin_memory=True)
+    host.copy_(figures, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 @dataclass
 class Plan:
     """How many micro-batches and optimizer steps the run has, per rank."""
@@ -284,7 +299,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         """A finished step's metrics: its figures read from the device (the one host sync of a step), kept in
         the history, printed and reported; eval steps also validate and checkpoint."""
         nonlocal t_window, tok_window
-        loss_, tokens_, norm_ = done.pop("figures").tolist()
+        figures, ready = done.pop("figures")
+        if ready is not None:  # wait for the copy alone, not for the work queued after it
+            ready.synchronize()
+        loss_, tokens_, norm_ = figures.tolist()
         tok_window += int(tokens_)
         now = time.perf_counter()
         tokens_total = tok_window * world
@@ -344,8 +362,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 step_loss /= world
             done = {"step": step, "epoch": epoch + micro_done / plan.micro_per_epoch, "lr": scheduler.get_last_lr()[0],
                     "data_wait_s": wait_window, "is_eval": step % t.eval_every == 0 or step == plan.total_steps,
-                    "figures": torch.stack([step_loss, tokens.double(),
-                                            torch.as_tensor(grad_norm, dtype=torch.float64, device=device)])}
+                    "figures": stage_on_host(torch.stack([
+                        step_loss, tokens.double(), torch.as_tensor(grad_norm, dtype=torch.float64, device=device)]))}
             wait_window = 0.0
             if done["is_eval"]:  # validation and the checkpoint need this step's figures now
                 record(done)
