@@ -147,6 +147,8 @@ class UnslothBackend(Backend):
 
         if cfg.data.packing and flash_varlen_for_packed_rows():
             log.info("packed rows: one flash-attention varlen call per layer (torch %s)", torch.__version__)
+        if cfg.data.packing:
+            packed_lengths_without_sync()
 
         from orchestrator.model import DTYPES, bnb_config, check_model_source
 
@@ -217,6 +219,30 @@ def flash_varlen_for_packed_rows() -> bool:
     ad._TORCH_VARLEN_ATTN = varlen_attn
     ad._LEAN_VARLEN = True
     ad._varlen_can_use_cudnn = lambda *args, **kwargs: False
+    return True
+
+
+def packed_lengths_without_sync() -> bool:
+    """Unsloth copies the host ``packed_seq_lengths`` to the device with a blocking ``.to()`` before masking
+    the labels at the packed boundaries: a stream sync per micro-batch (found with
+    ``torch.cuda.set_sync_debug_mode``). This stages them through pinned memory and copies them without
+    blocking; the values and the masking are Unsloth's own. No-op where Unsloth's helper is not there."""
+    try:
+        from unsloth.utils import packing
+    except ImportError:
+        return False
+    original = getattr(packing, "_normalize_packed_lengths", None)
+    if original is None or getattr(original, "_pinned", False):
+        return False
+
+    def normalize(seq_lengths, *, device):
+        if isinstance(seq_lengths, torch.Tensor) and seq_lengths.device.type == "cpu" and \
+                torch.device(device).type == "cuda":
+            seq_lengths = seq_lengths.to(torch.int64).pin_memory().to(device, non_blocking=True)
+        return original(seq_lengths, device=device)
+
+    normalize._pinned = True
+    packing._normalize_packed_lengths = normalize
     return True
 
 
