@@ -253,6 +253,29 @@ class ServeConfig(_Strict):
                           "SiLU; attention over each sequence's own length).")
 
 
+class MlflowTracking(_Strict):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI: a server (http://...), sqlite:///FILE, "
+                                     "or a directory (its mlflow.db). Default: a store in the run directory; "
+                                     "MLFLOW_TRACKING_URI wins when set.")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the run's name).")
+
+
+class WandbTracking(_Strict):
+    project: str | None = Field(None, description="W&B project (default: the run's name).")
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online when an API key is configured, else offline (upload later with the "
+                            "printed `wandb sync` line).")
+
+
+class TrackingConfig(_Strict):
+    """Where a run's parameters, metric history and artifacts are logged (rank 0 only)."""
+
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    mlflow: MlflowTracking = Field(default_factory=MlflowTracking)
+    wandb: WandbTracking = Field(default_factory=WandbTracking)
+
+
 class RunConfig(_Strict):
     """A whole run. Relative paths resolve against the directory you run from."""
 
@@ -265,6 +288,7 @@ class RunConfig(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str = "runs"
 
     @model_validator(mode="after")
@@ -322,6 +346,9 @@ class RunConfig(_Strict):
         d.qa.jsonl_path = fix(d.qa.jsonl_path)
         d.qa.cache_dir = fix(d.qa.cache_dir)
         d.parquet_dir = fix(d.parquet_dir)
+        uri = self.tracking.mlflow.tracking_uri
+        if uri and ":" not in uri.replace(OUTPUT_DIR_VAR, ""):  # a directory: its store file, absolute
+            self.tracking.mlflow.tracking_uri = f"sqlite:///{fix(uri)}/mlflow.db"
         self.output_dir = fix(self.output_dir)
         m = self.model.name_or_path
         if OUTPUT_DIR_VAR in m:

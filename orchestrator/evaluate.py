@@ -167,6 +167,10 @@ def run_eval(config: str | Path, adapter: str | Path, overrides: list[str] | Non
     merged = adapter.parent / "merged"
     if (merged / "merge.json").is_file():
         write_card(cfg, "merged", merged, fidelity_lines(json.loads((merged / "merge.json").read_text())))
+    from orchestrator.tracking import log_to_run
+
+    log_to_run(adapter.parent, {k: v for k, v in result.items() if k != "samples"},
+               [adapter.parent / "eval.json", adapter / "README.md"], job="eval")
     print(format_eval(cfg, result))
     return result
 

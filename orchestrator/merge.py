@@ -131,6 +131,9 @@ def merge_adapter(cfg: RunConfig, adapter: str | Path, out_dir: str | Path, rows
     # The saved card carries every fidelity measured (the comparison ran after the save).
     atomic_write_text(out_dir / "merge.json", json.dumps(result, indent=2))
     write_card(cfg, "merged", out_dir, fidelity_lines(result))
+    from orchestrator.tracking import log_to_run
+
+    log_to_run(Path(adapter).parent, {"fidelity": result.get("fidelity", {})}, [out_dir / "merge.json"], job="merge")
     return result
 
 

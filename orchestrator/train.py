@@ -222,6 +222,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         print(f"training backend: {backend.name}")
         trainable, total = param_counts(model)
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    from orchestrator.tracking import Tracker
+
+    tracker = Tracker(loop["tracking"], cfg) if rank == 0 and loop.get("tracking") else None
     step, epoch, micro_done, history, state = 0, 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # adapter weights go in before DDP/DeepSpeed wraps (ZeRO-3 partitions them)
@@ -318,6 +321,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         history.append(metrics)
         if rank == 0 and (done["step"] % t.log_every == 0 or done["is_eval"]):
             print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}))
+            if tracker:
+                tracker.log({**metrics, "tokens_per_s_per_gpu": metrics["tokens_per_s"] / world}, done["step"])
         if done["is_eval"]:
             save_and_report(metrics)
         elif done["step"] % t.log_every == 0:
@@ -371,6 +376,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 pending = done
         if micro_done >= plan.micro_per_epoch:
             epoch, micro_done = epoch + 1, 0
+    if tracker:
+        tracker.end()
 
 
 # ---------------------------------------------------------------- driver side
@@ -445,8 +452,10 @@ def check_resumable(ray_dir: Path, cfg: RunConfig) -> None:
                           f"resume it with train.strategy=ddp, not {cfg.train.strategy}")
 
 
-def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks: list | None = None) -> TrainResult:
-    """Fit with Ray Train and write the final adapter, metrics JSON and run report into the run dir."""
+def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks: list | None = None,
+                 study: dict[str, Any] | None = None) -> TrainResult:
+    """Fit with Ray Train and write the final adapter, metrics JSON and run report into the run dir.
+    ``study``: the tracking plan of the Tune study this run is a trial of (it logs as that run's child)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -472,6 +481,9 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
         raise ConfigError(f"--resume: {run_dir} holds no run to resume")
     if resume:
         check_resumable(ray_dir, cfg)
+    from orchestrator import tracking
+
+    track = tracking.plan(cfg, nodes=sum(1 for n in ray.nodes() if n.get("Alive")), parent=study)
     prepared = prepared or prepare_data(cfg)
     train_ds = prepared.datasets["train"].materialize()
     val_ds = prepared.datasets.get("validation") or prepared.datasets.get("test")
@@ -488,6 +500,7 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
         raise ConfigError(f"data: {sum(val_rows)} validation rows leave a ZeRO-3 worker without any (each of the "
                           f"{s.num_workers} workers needs at least one)")
     loop = {"run": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "labels": prepared.labels,
+            "tracking": track,
             "rows_per_rank": rows_per_rank, "fault": os.environ.get(FAULT_ENV),
             "val_batches_max": max(math.ceil(n / cfg.train.micro_batch_size) for n in val_rows)}
     # Unsloth must import before transformers in its worker: a runtime env of their own keeps GPU workers off
@@ -529,6 +542,8 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
     from orchestrator.card import write_card
 
     write_card(cfg, "adapter", adapter_dir)
+    tracking.log_to_run(run_dir, artifacts=[adapter_dir / "README.md", run_dir / "report.md",
+                                            run_dir / "metrics.json"], job="train")
     return TrainResult(run_dir, adapter_dir, final, history, best.path)
 
 
@@ -546,4 +561,8 @@ def run_train(config: str | Path, overrides: list[str] | None = None, resume: st
     result = run_training(cfg, resume=bool(resume))
     print(f"adapter: {result.adapter_dir}\nmetrics: {result.run_dir / 'metrics.json'}\n"
           f"report:  {result.run_dir / 'report.md'}")
+    from orchestrator.tracking import where_to_look
+
+    for line in where_to_look(result.run_dir):
+        print(line)
     return result

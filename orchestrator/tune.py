@@ -94,7 +94,8 @@ def _forwarder(metric: str):
     return EvalToTune()
 
 
-def run_trial(values: dict[str, Any], base: dict[str, Any], study_dir: str, fault: str | None = None) -> None:
+def run_trial(values: dict[str, Any], base: dict[str, Any], study_dir: str, fault: str | None = None,
+              tracking: dict[str, Any] | None = None) -> None:
     """Tune trainable: one full training run. A retried trial resumes its own Train run."""
     import ray.tune
 
@@ -108,7 +109,8 @@ def run_trial(values: dict[str, Any], base: dict[str, Any], study_dir: str, faul
     cfg = trial_config(RunConfig.model_validate(base), values, trial_dir)
     cfg.data.parquet_dir = str(_data_dir(Path(study_dir), cfg))
     resume = (trial_dir / "train").exists()
-    run_training(cfg, resume=resume, prepared=prepare_data(cfg), callbacks=[_forwarder(cfg.tune.metric)])
+    run_training(cfg, resume=resume, prepared=prepare_data(cfg), callbacks=[_forwarder(cfg.tune.metric)],
+                 study=tracking)
 
 
 def _release_placement_group(pg_hex: str) -> None:
@@ -215,11 +217,13 @@ def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
     prepared = prepare_data(base)  # once on the driver; trials with the same data section re-read it
     max_t = evals_per_run(base, prepared.datasets["train"].count())
 
+    from orchestrator import tracking
     from orchestrator.runtime import console
     from orchestrator.train import FAULT_ENV
 
+    study_tracking = tracking.start_study(cfg, nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
     trainable = ray.tune.with_parameters(run_trial, base=base.model_dump(mode="json"), study_dir=str(run_dir),
-                                         fault=os.environ.get(FAULT_ENV))
+                                         fault=os.environ.get(FAULT_ENV), tracking=study_tracking)
     # Tune refuses an all-zero request; a token of logical memory lets a 0-CPU driver schedule anywhere.
     trainable = ray.tune.with_resources(trainable, {"CPU": cfg.tune.driver_cpus, "memory": 2**20})
     if resume:
@@ -237,7 +241,11 @@ def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
                                      verbose=0 if console.file else 1,  # the quiet console: our table at the end
                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.trial_max_failures)))
     grid = tuner.fit()
-    return write_study_outputs(cfg, run_dir, grid)
+    result = write_study_outputs(cfg, run_dir, grid)
+    tracking.end_study(study_tracking, run_dir, result.trials, result.best, cfg.tune.metric)
+    for line in tracking.where_to_look(run_dir):
+        print(line)
+    return result
 
 
 def _status(result, trial_dir: Path) -> str:
