@@ -313,6 +313,11 @@ def write_report(pipe: PipelineConfig, report_dir: Path, outcomes: list[RunOutco
     for o in outcomes:
         name = o.cfg.name
         md += [f"## {name}", "", f"Run report: [{name}/report.md]({name}/report.md)"]
+        from orchestrator.tracking import where_to_look
+
+        if looks := where_to_look(o.cfg.run_dir):
+            md += ["", "Tracking:", "", *[f"- `{line.split(':', 1)[0]}`: {line.split(':', 1)[1].strip()}"
+                                          for line in looks]]
         if o.study:
             metric = next(k for k in o.study[0] if k.startswith("best_"))
             md += ["", f"Tune study ({name}-tune/trials.csv):", "",

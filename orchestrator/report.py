@@ -84,6 +84,10 @@ def _write_report(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], plots:
     fe = summary["final_eval"]
     figures = "![loss](loss.png)\n\n![validation](eval.png)" if plots else "(plots need matplotlib)"
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in fe.items())
+    from orchestrator.tracking import where_to_look
+
+    looks = where_to_look(run_dir)
+    tracked = ("\n## Tracking\n\n" + "\n".join(f"    {line}" for line in looks) + "\n") if looks else ""
     text = f"""# Run report: {cfg.name}
 
 Task: `{cfg.model.task}` on `{cfg.model.name_or_path}`, {cfg.quantization.bits}-bit base
@@ -105,7 +109,7 @@ alpha={cfg.lora.alpha}, {cfg.scaling.num_workers} Ray Train worker(s), {"GPU" if
 {rows}
 
 {figures}
-
+{tracked}
 ## Config
 
 ```yaml

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 TRACKING_FILE = "tracking.json"  # in a run dir: the runs this run logged to (eval and merge log there too)
 # Filesystems every node of a cluster sees the same way (a local store elsewhere scatters runs over nodes)
 SHARED_FS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "glusterfs", "efs",
-             "fuse.gcsfuse", "fuse.s3fs", "fuse.juicefs", "fuse.ceph", "fuse.glusterfs", "9p", "virtiofs"}
+             "fuse.gcsfuse", "fuse.s3fs", "fuse.juicefs", "fuse.ceph", "fuse.glusterfs"}
 _QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 

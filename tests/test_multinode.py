@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import validate_config
+from orchestrator.config import ConfigError, validate_config
 from orchestrator.train import PLACEMENT_GROUP_FILE, run_training
 
 from .conftest import PDF, forget_ray_address, start_local_ray
@@ -119,6 +119,14 @@ def test_spread_training_survives_losing_a_node(cluster, tiny_model_dir, tmp_pat
                   "warmup_ratio": 0.0, "seed": 7, "log_every": 2, "max_failures": 2},
         "scaling": {"num_workers": 2, "placement_strategy": "SPREAD"}, "output_dir": str(tmp_path / "out")})
     run_dir = Path(cfg.run_dir)
+    # A local MLflow store (the default, in the run directory on this node's disk) would scatter the runs
+    # of a multi-node cluster: refused before any work, naming the setting
+    tracked = cfg.model_copy(deep=True)
+    tracked.tracking.backends = ["mlflow"]
+    with pytest.raises(ConfigError, match=r"^tracking.mlflow.tracking_uri: sqlite:///\S+ is a local store "
+                                          r"\(\S+ filesystem\) on a Ray cluster of 3 nodes"):
+        run_training(tracked)
+    assert not (run_dir / "train").exists()
     result: dict = {}
 
     def train():

@@ -130,6 +130,7 @@ def test_training_run_is_tracked_in_mlflow_wandb_and_tensorboard(qa_run, tmp_pat
     assert any(f"wandb sync {res.run_dir}/wandb/offline-run-*" in line for line in lines)
     assert len(list((res.run_dir / "wandb").glob("offline-run-*"))) == 2  # training, then eval's run
     assert any(f"mlflow ui --backend-store-uri {m['tracking_uri']}" in line for line in lines)
+    assert f"mlflow ui --backend-store-uri {m['tracking_uri']}" in (res.run_dir / "report.md").read_text()
 
     scalars = tensorboard_scalars(res.run_dir / "tensorboard")
     assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4, 5, 6]

@@ -48,6 +48,7 @@ def test_asha_study_retries_a_failed_trial_and_best_config_reproduces(ray_local,
                     search_space={"train.lr": {"type": "grid", "values": [5e-3, 1e-6]},
                                   "lora.r": {"type": "choice", "values": [4, 8]}})
     cfg.train.max_failures = 0
+    cfg.tracking.backends = ["mlflow"]
     res = run_study(cfg)
     run = res.study_dir
     assert len(res.trials) == 2
@@ -68,6 +69,21 @@ def test_asha_study_retries_a_failed_trial_and_best_config_reproduces(ray_local,
     assert (run / "tune_metric.png").stat().st_size > 1000
     assert (run / "best_adapter/adapter_model.safetensors").exists()
     assert list((run / "study").rglob("events.out.tfevents.*")), "Tune writes TensorBoard event files"
+    # MLflow: one parent run for the study, one child per trial (the retried trial kept its run), best tagged
+    from mlflow.tracking import MlflowClient
+
+    rec = json.loads((run / "tracking.json").read_text())["mlflow"]
+    client = MlflowClient(rec["tracking_uri"])
+    runs = client.search_runs([rec["experiment_id"]])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == rec["run_id"]]
+    (parent,) = [r for r in runs if r.info.run_id == rec["run_id"]]
+    assert len(runs) == 3 and len(children) == 2 and parent.data.tags["job"] == "tune"
+    assert {c.data.params["train.lr"] for c in children} == {"0.005", "1e-06"}
+    (best_run,) = [c for c in children if c.data.tags.get("best_trial") == "true"]
+    assert best_run.data.params["train.lr"] == "0.005" and parent.data.tags["best_run_id"] == best_run.info.run_id
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(res.best["best_val_loss"])
+    assert [p.step for p in client.get_metric_history(best_run.info.run_id, "val_loss")] == [2, 4, 6]
+    assert all(client.get_metric_history(c.info.run_id, "loss") for c in children)
     best = load_config(res.best_config, [f"output_dir={tmp_path / 'again'}"])
     assert best.train.lr == 5e-3 and best.lora.r == res.best["lora.r"]
     raw = yaml.safe_load(res.best_config.read_text())
