@@ -79,3 +79,12 @@ def test_wandb_mode_auto_is_offline_without_a_key(monkeypatch, tmp_path):
     assert tracking.wandb_has_key()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert tracking.wandb_has_key()
+
+
+def test_nested_eval_metrics_flatten_to_tracker_keys():
+    ner = {"examples": 3, "entity_f1": 0.5, "per_type": {"Chemical": {"precision": 1.0, "f1-score": 0.8, "support": 2},
+                                                          "Disease": {"f1-score": 0.25}}, "note": "text", "ok": True}
+    assert tracking.flat_metrics(ner, "eval/") == {
+        "eval/examples": 3.0, "eval/entity_f1": 0.5, "eval/per_type/Chemical/precision": 1.0,
+        "eval/per_type/Chemical/f1-score": 0.8, "eval/per_type/Chemical/support": 2.0,
+        "eval/per_type/Disease/f1-score": 0.25}
