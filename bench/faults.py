@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -159,6 +160,193 @@ def driver_kill(args) -> dict:
             "median_resume_wall_s": statistics.median(r["resume_wall_s"] for r in repeats)}
 
 
+# ---------------------------------------------------------------- Serve: a replica killed under load, overload
+
+QUESTION = {"role": "user", "content": "What does Article 16 of the Constitution of Nepal provide?"}
+
+
+def serve_model(work: Path) -> Path:
+    """The embedded tiny Llama (pre-trained for a few steps), as a served causal LM."""
+    from orchestrator.config import load_config
+    from orchestrator.model import ensure_model
+
+    sets = [f"{k}={v}" for k, v in {**SETS, "output_dir": work}.items()]
+    return Path(ensure_model(load_config(ROOT / "configs/constitution-qa-tiny.yaml", sets)))
+
+
+def deploy(model: Path, port: int, **spec) -> str:
+    from orchestrator.deploy import start
+
+    args = {"models": [{"name": "qa", "task": "causal_lm", "path": str(model), "num_cpus": 0,
+                        "max_input_length": 128, "max_tokens_limit": 64, **spec}]}
+    url = start(args, "127.0.0.1", port)
+    wait_running(2 if spec.get("autoscaling", {}).get("min_replicas", 1) == 2 else 1, 300)
+    return url
+
+
+def running_replicas(deployment: str = "TextGenerator-qa") -> int:
+    """RUNNING replicas of the model's deployment (the gateway's own replica not counted)."""
+    from ray import serve
+
+    app = serve.status().applications.get("orchestrator")
+    dep = app.deployments.get(deployment) if app else None
+    return dep.replica_states.get("RUNNING", 0) if dep else 0
+
+
+def wait_running(n: int, timeout: float) -> float:
+    t0 = time.time()
+    while running_replicas() < n:
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"{n} replicas not RUNNING after {timeout} s")
+        time.sleep(0.2)
+    return time.time() - t0
+
+
+def ask(client, url: str, out: list, stop: threading.Event | None = None, max_tokens: int = 32,
+        stream: bool = False) -> None:
+    """Send chat requests (one, or until ``stop``); record each one's start, end, status and whether its
+    answer came whole (a stream: ended by ``[DONE]``; ``stream_error``: ended by an error event). A request
+    without an answer in 60 s counts as hung."""
+    import httpx
+
+    body = {"model": "qa", "messages": [QUESTION], "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    while True:
+        t0 = time.time()
+        rec = {"start": t0, "stream": stream}
+        try:
+            if stream:
+                with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+                    lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+                rec.update(status=r.status_code, whole=bool(lines) and lines[-1] == "data: [DONE]",
+                           stream_error=any('"error"' in line for line in lines))
+            else:
+                r = client.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+                rec.update(status=r.status_code, whole=r.status_code == 200 and "choices" in r.json())
+        except httpx.TimeoutException:
+            rec.update(status="hung")
+        except httpx.HTTPError as e:
+            rec.update(status=f"connection error: {type(e).__name__}")
+        rec["end"] = time.time()
+        out.append(rec)
+        if stop is None or stop.is_set():
+            return
+
+
+def replica_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+            if "ServeReplica" in (a.class_name or "") and "TextGenerator-qa" in (a.class_name or "")]
+
+
+def serve_kill(args) -> dict:
+    """Two replicas under ``clients`` closed-loop clients; one replica's process SIGKILLed mid-load."""
+    import httpx
+    import ray
+    from ray import serve
+
+    work = Path(tempfile.mkdtemp(prefix="faults-serve-"))
+    model = serve_model(work)
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    repeats = []
+    try:
+        url = deploy(model, args.port, autoscaling={"min_replicas": 2, "max_replicas": 2},
+                     max_ongoing_requests=4, max_queued_requests=64)
+        for _ in range(args.repeats):
+            wait_running(2, 300)
+            log, stop = [], threading.Event()
+            with httpx.Client() as client:
+                threads = [threading.Thread(target=ask, args=(client, url, log, stop), kwargs={"stream": k % 2 == 1})
+                           for k in range(args.clients)]  # half the clients stream
+                for t in threads:
+                    t.start()
+                time.sleep(args.warmup_s)
+                pids = replica_pids()
+                t_kill = time.time()
+                os.kill(pids[0], signal.SIGKILL)
+                noticed = None
+                while time.time() - t_kill < 300:  # the controller notices, starts a replacement, it turns healthy
+                    n = running_replicas()
+                    if n < 2 and noticed is None:
+                        noticed = time.time() - t_kill
+                    if noticed is not None and n == 2:
+                        break
+                    time.sleep(0.1)
+                recovered_s = time.time() - t_kill
+                time.sleep(args.after_s)
+                stop.set()
+                for t in threads:
+                    t.join(120)
+            in_flight = [r for r in log if r["start"] < t_kill < r["end"]]
+            after = [r for r in log if r["start"] >= t_kill]
+            def statuses(rs):  # status -> count; a 200 stream that ended in an error event counted apart
+                keys = [f"{r['status']}{' stream, error event' if r.get('stream_error') else ''}"
+                        f"{' incomplete' if r['status'] == 200 and not r.get('whole') else ''}" for r in rs]
+                return {k: keys.count(k) for k in sorted(set(keys))}
+
+            rec = {"replicas": 2, "clients": args.clients, "killed_pid": pids[0], "requests": len(log),
+                   "in_flight_at_kill": statuses(in_flight), "started_after_kill": statuses(after),
+                   "hung": sum(1 for r in log if r["status"] == "hung"),
+                   "death_noticed_after_s": round(noticed, 1) if noticed is not None else None,
+                   "replica_back_after_s": round(recovered_s, 1) if noticed is not None else None,
+                   "max_latency_in_flight_s": round(max((r["end"] - r["start"] for r in in_flight), default=0), 2),
+                   "ok_after_kill": sum(1 for r in after if r["status"] == 200 and r["whole"]),
+                   "streams": sum(1 for r in log if r["stream"])}
+            repeats.append(rec)
+            print(json.dumps(rec), flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"command": "python bench/faults.py " + " ".join(sys.argv[1:]), "fault": "Serve replica SIGKILL under load",
+            "model": "embedded tiny Llama (configs/constitution-qa-tiny.yaml), 2 replicas, max_tokens 32",
+            "repeats": repeats, "none_hung": all(r["hung"] == 0 for r in repeats)}
+
+
+def overload(args) -> dict:
+    """Bursts of ``clients`` simultaneous requests at one replica that admits max_ongoing + max_queued."""
+    import httpx
+    import ray
+    from ray import serve
+
+    work = Path(tempfile.mkdtemp(prefix="faults-serve-"))
+    model = serve_model(work)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    bursts = []
+    try:
+        url = deploy(model, args.port, max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued,
+                     max_batch_size=args.max_ongoing)
+        with httpx.Client(limits=httpx.Limits(max_connections=args.clients + 8)) as client:
+            ask(client, url, [])  # warm
+            for _ in range(args.repeats):
+                log, gate = [], threading.Barrier(args.clients)
+
+                def one(log=log, gate=gate):
+                    gate.wait()
+                    ask(client, url, log)
+
+                threads = [threading.Thread(target=one) for _ in range(args.clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(180)
+                lat = lambda rs: sorted(r["end"] - r["start"] for r in rs)  # noqa: E731
+                ok, shed = [r for r in log if r["status"] == 200], [r for r in log if r["status"] == 503]
+                q = lambda xs, f: round(xs[min(len(xs) - 1, int(f * len(xs)))], 3) if xs else None  # noqa: E731
+                rec = {"clients": args.clients, "admitted": len(ok), "shed_503": len(shed),
+                       "other": len(log) - len(ok) - len(shed),
+                       "admitted_p50_s": q(lat(ok), 0.5), "admitted_p99_s": q(lat(ok), 0.99),
+                       "shed_p50_s": q(lat(shed), 0.5), "shed_p99_s": q(lat(shed), 0.99)}
+                bursts.append(rec)
+                print(json.dumps(rec), flush=True)
+                time.sleep(2)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"command": "python bench/faults.py " + " ".join(sys.argv[1:]), "fault": "overload beyond the queue",
+            "model": "embedded tiny Llama, 1 replica, max_tokens 32",
+            "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued, "bursts": bursts}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="fault", required=True)
@@ -169,8 +357,23 @@ def main() -> None:
     st = sub.add_parser("study-kill")
     st.add_argument("--repeats", type=int, default=2)
     st.add_argument("--out", default=str(ROOT / "bench/results/faults_study_kill.json"))
+    sk = sub.add_parser("serve-kill")
+    sk.add_argument("--repeats", type=int, default=3)
+    sk.add_argument("--clients", type=int, default=8)
+    sk.add_argument("--warmup-s", type=float, default=5)
+    sk.add_argument("--after-s", type=float, default=5)
+    sk.add_argument("--port", type=int, default=8790)
+    sk.add_argument("--out", default=str(ROOT / "bench/results/faults_serve_kill.json"))
+    ov = sub.add_parser("overload")
+    ov.add_argument("--repeats", type=int, default=3)
+    ov.add_argument("--clients", type=int, default=64)
+    ov.add_argument("--max-ongoing", type=int, default=4)
+    ov.add_argument("--max-queued", type=int, default=8)
+    ov.add_argument("--port", type=int, default=8791)
+    ov.add_argument("--out", default=str(ROOT / "bench/results/faults_overload.json"))
     args = ap.parse_args()
-    res = driver_kill(args) if args.fault == "driver-kill" else study_kill(args)
+    res = {"driver-kill": driver_kill, "study-kill": study_kill, "serve-kill": serve_kill,
+           "overload": overload}[args.fault](args)
     res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                    cwd=ROOT).stdout.strip()
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

@@ -16,11 +16,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from serve.schemas import ChatRequest, CompletionRequest, EntitiesRequest, _Sampling
 
 STATIC = Path(__file__).resolve().parent / "static"
+REPLICA_LOST = (RayActorError, ActorUnavailableError)  # a replica that died (or was lost) mid-request
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
@@ -88,10 +90,9 @@ class Gateway:
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return await self._stream(handle, req, rid, name, kind, usage)
-        try:
-            res = await handle.complete.remote(req)
-        except BackPressureError:
-            return self._busy()
+        res, err = await self._call(lambda: handle.complete.remote(req))
+        if err:
+            return err
         if "error" in res:
             return _error(res["status"], res["error"], res.get("param"))
         usage = {"prompt_tokens": res["prompt_tokens"], "completion_tokens": res["completion_tokens"],
@@ -105,14 +106,31 @@ class Gateway:
                 "choices": [{"index": 0, "text": res["text"], "finish_reason": res["finish_reason"],
                              "logprobs": None}], "usage": usage}
 
+    async def _call(self, send):
+        """(result, None) of ``await send()``, else (None, error response): 503 when the replicas are full, and
+        when a replica dies while answering, after one retry on another replica (nothing was sent yet)."""
+        for attempt in (1, 2):
+            try:
+                return await send(), None
+            except BackPressureError:
+                return None, self._busy()
+            except REPLICA_LOST:
+                if attempt == 2:
+                    return None, _error(503, "the model's replica failed while answering; retry shortly",
+                                        kind="unavailable")
+
     async def _stream(self, handle, req: dict[str, Any], rid: str, name: str, kind: str, usage: bool = False):
-        gen = handle.options(stream=True).stream.remote(req)
-        try:
-            first = await gen.__anext__()
-        except BackPressureError:
-            return self._busy()
-        except StopAsyncIteration:
-            first = {"finish_reason": "stop"}
+        async def start():
+            gen = handle.options(stream=True).stream.remote(req)
+            try:
+                return gen, await gen.__anext__()
+            except StopAsyncIteration:
+                return gen, {"finish_reason": "stop"}
+
+        started, err = await self._call(start)
+        if err:
+            return err
+        gen, first = started
         if "error" in first:
             return _error(first["status"], first["error"], first.get("param"))
         created = int(time.time())
@@ -134,9 +152,14 @@ class Gateway:
                 yield chunk({"text": ""}).replace('"delta": {"content": ""}', '"delta": {"role": "assistant"}')
             yield chunk(first)
             last = first
-            async for item in gen:
-                yield chunk(item)
-                last = item
+            try:
+                async for item in gen:
+                    yield chunk(item)
+                    last = item
+            except REPLICA_LOST:  # the answer was partly sent: end the stream with an error event, never hang
+                yield "data: " + json.dumps({"error": {"message": "the model's replica failed while answering",
+                                                       "type": "unavailable", "code": 503}}) + "\n\n"
+                return
             if usage and "completion_tokens" in last:  # OpenAI's stream_options.include_usage: a last chunk
                 counts = {k: last[k] for k in ("prompt_tokens", "completion_tokens")}
                 yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if kind == "chat"
@@ -165,10 +188,9 @@ class Gateway:
             return err
         name, handle = picked
         texts = [body.text] if body.text is not None else body.texts
-        try:
-            found = await asyncio.gather(*(handle.extract.remote(t) for t in texts))
-        except BackPressureError:
-            return self._busy()
+        found, err = await self._call(lambda: asyncio.gather(*(handle.extract.remote(t) for t in texts)))
+        if err:
+            return err
         if body.text is not None:
             return {"model": name, "entities": found[0]}
         return {"model": name, "results": [{"entities": f} for f in found]}

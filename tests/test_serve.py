@@ -242,6 +242,59 @@ def test_autoscaling_up_under_load_and_back_down(app, small_app):
     assert replicas() == 1, "idle: back to min_replicas"
 
 
+def test_replica_killed_mid_request_retries_or_503_never_hangs(app, small_app):
+    """A replica's process SIGKILLed while it answers: its requests are retried on the other replica (or get
+    a 503), none hangs or gets a 500, and Serve brings the replica back."""
+    import os
+    import signal
+
+    from ray import serve
+    from ray.util.state import list_actors
+
+    url = small_app(max_ongoing_requests=4, max_queued_requests=64, max_batch_size=4,
+                    autoscaling={"min_replicas": 2, "max_replicas": 2})
+
+    def running() -> int:
+        return serve.status().applications["small"].deployments["TextGenerator-qa"].replica_states.get("RUNNING", 0)
+
+    pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+            if (a.class_name or "") == "ServeReplica:small:TextGenerator-qa"]
+    assert len(pids) == 2 and running() == 2
+
+    log, killed_at = [], []
+
+    async def load():
+        async with httpx.AsyncClient(timeout=60) as h:
+            body = {"prompt": "The Constitution of Nepal", "max_tokens": 64, "temperature": 0}
+
+            async def user():  # closed loop until 3 s after the kill
+                while not killed_at or time.monotonic() < killed_at[0] + 3:
+                    t0 = time.monotonic()
+                    try:
+                        code = (await h.post(f"{url}/v1/completions", json=body)).status_code
+                    except httpx.HTTPError as e:
+                        code = type(e).__name__
+                    log.append((t0, time.monotonic(), code))
+
+            async def kill():
+                await asyncio.sleep(2)
+                killed_at.append(time.monotonic())
+                os.kill(pids[0], signal.SIGKILL)
+
+            await asyncio.gather(kill(), *(user() for _ in range(8)))
+
+    asyncio.run(load())
+    in_flight = [code for t0, t1, code in log if t0 < killed_at[0] < t1]
+    assert len(in_flight) >= 4, "requests were in flight on both replicas when one died"
+    codes = [code for _, _, code in log]
+    assert set(codes) <= {200, 503}, codes  # retried, or a clean 503: no 500, no timeout
+    deadline = time.monotonic() + 90
+    while running() < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running() == 2, "Serve replaces the dead replica"
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60).status_code == 200
+
+
 def test_chat_page_streams_an_answer_in_chromium(app):
     """The chat page in headless Chromium: pick the model, ask, watch the streamed answer arrive."""
     import shutil
