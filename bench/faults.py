@@ -160,6 +160,73 @@ def driver_kill(args) -> dict:
             "median_resume_wall_s": statistics.median(r["resume_wall_s"] for r in repeats)}
 
 
+STATE = "trainer_state.pt"  # orchestrator.train.STATE_FILE
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted(d for d in (out / "constitution-qa-tiny" / "train").glob("checkpoint_*") if d.is_dir())
+
+
+def files_of(d: Path) -> dict[str, int]:
+    return {str(f.relative_to(d)): f.stat().st_size for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def ckpt_kill(args) -> dict:
+    """SIGKILL the training's process group the moment the storage directory of its Nth checkpoint appears
+    (Ray Train is copying it there), then --resume; the directory left behind is recorded as found."""
+    work = Path(tempfile.mkdtemp(prefix="faults-"))
+    model = work / "models/tiny-llama"
+    clean = train(work / "clean", model)
+    assert clean["rc"] == 0, clean["console"]
+    ref = history(work / "clean")
+    complete = files_of(checkpoints(work / "clean")[-1])
+    repeats = []
+    for i in range(args.repeats):
+        out = work / f"r{i}"
+        argv = [str(Path(sys.executable).parent / "orchestrator"), "train", str(ROOT / "configs/constitution-qa-tiny.yaml")]
+        for k, v in {**SETS, "output_dir": out, "model.name_or_path": model}.items():
+            argv += ["--set", f"{k}={v}"]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        t0 = time.time()
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        while proc.poll() is None and len(checkpoints(out)) < args.kill_at_checkpoint:
+            time.sleep(0.001)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        cks = checkpoints(out)
+        if args.cut_short and cks:  # leave what a kill in the middle of the copy leaves: a file cut, one missing
+            biggest = max((f for f in cks[-1].rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+            biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+            (cks[-1] / STATE).unlink(missing_ok=True)
+        left = files_of(cks[-1]) if cks else {}
+        # part-way: files missing, or cut short (every file but the growing training state has a fixed size)
+        partial = set(left) != set(complete) or any(left[f] != complete[f] for f in left if f != STATE)
+        time.sleep(2)
+        resumed = train(out, model, resume=True)
+        rec = {"killed_after_s": round(time.time() - t0, 1), "checkpoint_dirs_at_kill": len(cks),
+               "files_in_interrupted_checkpoint": len(left), "files_in_a_complete_one": len(complete),
+               "interrupted_part_way": bool(partial), "resume_rc": resumed["rc"], "resume_wall_s": resumed["wall_s"]}
+        if resumed["rc"] == 0:
+            hist = history(out)
+            m = re.search(r"resumed at step (\d+)", (out / "constitution-qa-tiny" / "ray.log").read_text())
+            steps = [h["step"] for h in hist]
+            rec.update(resumed_from_step=int(m[1]) if m else None,
+                       each_step_once=steps == list(range(1, SETS["train.max_steps"] + 1)),
+                       max_loss_diff_vs_clean=max(abs(a["loss"] - b["loss"]) for a, b in zip(hist, ref, strict=True)),
+                       adapter_max_abs_diff_vs_clean=adapter_diff(out, work / "clean"))
+        else:
+            rec["resume_console"] = resumed["console"]
+        repeats.append(rec)
+        print(json.dumps(rec), flush=True)
+    ok = [r for r in repeats if r.get("each_step_once")]
+    return {"command": "python bench/faults.py " + " ".join(sys.argv[1:]),
+            "fault": "process group SIGKILL while a checkpoint is being written to storage",
+            "config": "configs/constitution-qa-tiny.yaml", "sets": SETS, "complete_checkpoint_files": complete,
+            "repeats": repeats, "resumed_ok": f"{len(ok)}/{len(repeats)}",
+            "interrupted_part_way": f"{sum(r['interrupted_part_way'] for r in repeats)}/{len(repeats)}"}
+
+
 # ---------------------------------------------------------------- Serve: a replica killed under load, overload
 
 QUESTION = {"role": "user", "content": "What does Article 16 of the Constitution of Nepal provide?"}
@@ -357,6 +424,12 @@ def main() -> None:
     st = sub.add_parser("study-kill")
     st.add_argument("--repeats", type=int, default=2)
     st.add_argument("--out", default=str(ROOT / "bench/results/faults_study_kill.json"))
+    ck = sub.add_parser("ckpt-kill")
+    ck.add_argument("--repeats", type=int, default=3)
+    ck.add_argument("--kill-at-checkpoint", type=int, default=2)
+    ck.add_argument("--cut-short", action="store_true", help="after the kill, cut the interrupted checkpoint's "
+                    "largest file to half and remove its training state, as a kill mid-copy would leave it")
+    ck.add_argument("--out", default=str(ROOT / "bench/results/faults_ckpt_kill.json"))
     sk = sub.add_parser("serve-kill")
     sk.add_argument("--repeats", type=int, default=3)
     sk.add_argument("--clients", type=int, default=8)
@@ -372,7 +445,7 @@ def main() -> None:
     ov.add_argument("--port", type=int, default=8791)
     ov.add_argument("--out", default=str(ROOT / "bench/results/faults_overload.json"))
     args = ap.parse_args()
-    res = {"driver-kill": driver_kill, "study-kill": study_kill, "serve-kill": serve_kill,
+    res = {"driver-kill": driver_kill, "study-kill": study_kill, "ckpt-kill": ckpt_kill, "serve-kill": serve_kill,
            "overload": overload}[args.fault](args)
     res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                    cwd=ROOT).stdout.strip()
