@@ -3,8 +3,11 @@ multi-node rule, W&B's mode. The tracked training runs are in test_train.py (the
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,29 @@ def test_nested_eval_metrics_flatten_to_tracker_keys():
         "eval/examples": 3.0, "eval/entity_f1": 0.5, "eval/per_type/Chemical/precision": 1.0,
         "eval/per_type/Chemical/f1-score": 0.8, "eval/per_type/Chemical/support": 2.0,
         "eval/per_type/Disease/f1-score": 0.25}
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
+    """A training resumed after its driver died logs into the MLflow run it began (tracking.json)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.config import validate_config
+
+    cfg = validate_config({"name": "r", "model": {"name_or_path": "tiny", "task": "causal_lm"},
+                           "data": {"format": "pdf", "train": ["a.pdf"]}, "output_dir": str(tmp_path),
+                           "tracking": {"backends": ["mlflow"]}})
+    script = ("import json, os, sys\nfrom orchestrator import tracking\nfrom orchestrator.config import RunConfig\n"
+              "cfg = RunConfig.model_validate(json.loads(sys.argv[1]))\n"
+              "t = tracking.Tracker(tracking.plan(cfg), cfg)\n"
+              "t.log({'loss': 2.0}, 1)\nt.log({'loss': 1.5}, 2)\nos._exit(1)  # the driver dies: no end()\n")
+    died = subprocess.run([sys.executable, "-c", script, cfg.model_dump_json()], capture_output=True, text=True)
+    assert died.returncode == 1, died.stderr[-2000:]
+    again = tracking.Tracker(tracking.plan(cfg), cfg)
+    again.log({"loss": 1.2, "step": 3}, 3)
+    again.end()
+    m = json.loads((tmp_path / "r" / tracking.TRACKING_FILE).read_text())["mlflow"]
+    client = MlflowClient(m["tracking_uri"])
+    (run,) = client.search_runs([m["experiment_id"]])
+    assert run.info.run_id == m["run_id"] and run.info.status == "FINISHED"
+    assert [(p.step, p.value) for p in client.get_metric_history(m["run_id"], "loss")] == [(1, 2.0), (2, 1.5),
+                                                                                           (3, 1.2)]
