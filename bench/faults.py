@@ -20,6 +20,7 @@ clean run, and wall times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -241,14 +242,26 @@ def serve_model(work: Path) -> Path:
     return Path(ensure_model(load_config(ROOT / "configs/constitution-qa-tiny.yaml", sets)))
 
 
-def deploy(model: Path, port: int, **spec) -> str:
+@contextlib.contextmanager
+def served(port: int, dashboard: bool = False, **spec):
+    """A local Ray serving the embedded tiny Llama as model ``qa`` (``spec``: its deployment settings); yields
+    the base URL once every replica is RUNNING, shuts Serve and Ray down after."""
+    import ray
+    from ray import serve
+
     from orchestrator.deploy import start
 
-    args = {"models": [{"name": "qa", "task": "causal_lm", "path": str(model), "num_cpus": 0,
-                        "max_input_length": 128, "max_tokens_limit": 64, **spec}]}
-    url = start(args, "127.0.0.1", port)
-    wait_running(2 if spec.get("autoscaling", {}).get("min_replicas", 1) == 2 else 1, 300)
-    return url
+    model = serve_model(Path(tempfile.mkdtemp(prefix="faults-serve-")))
+    ray.init(num_cpus=2, include_dashboard=dashboard, log_to_driver=False)
+    try:
+        args = {"models": [{"name": "qa", "task": "causal_lm", "path": str(model), "num_cpus": 0,
+                            "max_input_length": 128, "max_tokens_limit": 64, **spec}]}
+        url = start(args, "127.0.0.1", port)
+        wait_running(spec.get("autoscaling", {}).get("min_replicas", 1), 300)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def running_replicas(deployment: str = "TextGenerator-qa") -> int:
@@ -306,19 +319,20 @@ def replica_pids() -> list[int]:
             if "ServeReplica" in (a.class_name or "") and "TextGenerator-qa" in (a.class_name or "")]
 
 
+def outcomes(rs: list[dict]) -> dict[str, int]:
+    """Status -> count; a 200 stream that ended in an error event, or incomplete, counted apart."""
+    keys = [f"{r['status']}{' stream, error event' if r.get('stream_error') else ''}"
+            f"{' incomplete' if r['status'] == 200 and not r.get('whole') else ''}" for r in rs]
+    return {k: keys.count(k) for k in sorted(set(keys))}
+
+
 def serve_kill(args) -> dict:
     """Two replicas under ``clients`` closed-loop clients; one replica's process SIGKILLed mid-load."""
     import httpx
-    import ray
-    from ray import serve
 
-    work = Path(tempfile.mkdtemp(prefix="faults-serve-"))
-    model = serve_model(work)
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     repeats = []
-    try:
-        url = deploy(model, args.port, autoscaling={"min_replicas": 2, "max_replicas": 2},
-                     max_ongoing_requests=4, max_queued_requests=64)
+    with served(args.port, dashboard=True, autoscaling={"min_replicas": 2, "max_replicas": 2},
+                max_ongoing_requests=4, max_queued_requests=64) as url:
         for _ in range(args.repeats):
             wait_running(2, 300)
             log, stop = [], threading.Event()
@@ -346,13 +360,8 @@ def serve_kill(args) -> dict:
                     t.join(120)
             in_flight = [r for r in log if r["start"] < t_kill < r["end"]]
             after = [r for r in log if r["start"] >= t_kill]
-            def statuses(rs):  # status -> count; a 200 stream that ended in an error event counted apart
-                keys = [f"{r['status']}{' stream, error event' if r.get('stream_error') else ''}"
-                        f"{' incomplete' if r['status'] == 200 and not r.get('whole') else ''}" for r in rs]
-                return {k: keys.count(k) for k in sorted(set(keys))}
-
             rec = {"replicas": 2, "clients": args.clients, "killed_pid": pids[0], "requests": len(log),
-                   "in_flight_at_kill": statuses(in_flight), "started_after_kill": statuses(after),
+                   "in_flight_at_kill": outcomes(in_flight), "started_after_kill": outcomes(after),
                    "hung": sum(1 for r in log if r["status"] == "hung"),
                    "death_noticed_after_s": round(noticed, 1) if noticed is not None else None,
                    "replica_back_after_s": round(recovered_s, 1) if noticed is not None else None,
@@ -361,9 +370,6 @@ def serve_kill(args) -> dict:
                    "streams": sum(1 for r in log if r["stream"])}
             repeats.append(rec)
             print(json.dumps(rec), flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return {"command": "python bench/faults.py " + " ".join(sys.argv[1:]), "fault": "Serve replica SIGKILL under load",
             "model": "embedded tiny Llama (configs/constitution-qa-tiny.yaml), 2 replicas, max_tokens 32",
             "repeats": repeats, "none_hung": all(r["hung"] == 0 for r in repeats)}
@@ -372,16 +378,10 @@ def serve_kill(args) -> dict:
 def overload(args) -> dict:
     """Bursts of ``clients`` simultaneous requests at one replica that admits max_ongoing + max_queued."""
     import httpx
-    import ray
-    from ray import serve
 
-    work = Path(tempfile.mkdtemp(prefix="faults-serve-"))
-    model = serve_model(work)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     bursts = []
-    try:
-        url = deploy(model, args.port, max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued,
-                     max_batch_size=args.max_ongoing)
+    with served(args.port, max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued,
+                max_batch_size=args.max_ongoing) as url:
         with httpx.Client(limits=httpx.Limits(max_connections=args.clients + 8)) as client:
             ask(client, url, [])  # warm
             for _ in range(args.repeats):
@@ -406,9 +406,6 @@ def overload(args) -> dict:
                 bursts.append(rec)
                 print(json.dumps(rec), flush=True)
                 time.sleep(2)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return {"command": "python bench/faults.py " + " ".join(sys.argv[1:]), "fault": "overload beyond the queue",
             "model": "embedded tiny Llama, 1 replica, max_tokens 32",
             "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued, "bursts": bursts}

@@ -138,6 +138,18 @@ def _quick_mlflow():
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _keep_env(name: str):
+    saved = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 def _mlflow_experiment(uri: str, name: str, artifacts: Path | None) -> str:
     """The experiment's id, created (with its artifacts beside a local store) when missing."""
     from mlflow.tracking import MlflowClient
@@ -231,7 +243,7 @@ class Tracker:
         tags = {**self.plan["tags"], "job": "train"}
         if m.get("parent_run_id"):
             tags["mlflow.parentRunId"] = m["parent_run_id"]
-        with _quick_mlflow():
+        with _quick_mlflow(), _keep_env("MLFLOW_TRACKING_URI"):  # set_tracking_uri exports it process-wide
             if previous := self.record.get("mlflow", {}).get("run_id"):  # resumed: the same MLflow run
                 import mlflow
 
