@@ -77,66 +77,6 @@ def test_causal_lm_trains_and_writes_outputs(qa_run, qa_prepared, tiny_model_dir
     assert all(s["generated"] is not None and s["question"] for s in ev["samples"])
 
 
-def test_training_run_is_tracked_in_mlflow_wandb_and_tensorboard(qa_run, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.config import dump_config
-    from orchestrator.evaluate import run_eval
-
-    cfg, res = qa_run
-    record = json.loads((res.run_dir / tracking.TRACKING_FILE).read_text())
-    m = record["mlflow"]
-    assert m["tracking_uri"] == f"sqlite:///{res.run_dir}/mlflow.db" and m["experiment"] == cfg.name
-    client = MlflowClient(m["tracking_uri"])
-    runs = client.search_runs([m["experiment_id"]])
-    assert [r.info.run_id for r in runs] == [m["run_id"]]  # one run for 2 workers: rank 0 alone logs
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.params == tracking.flat_params(cfg)  # every resolved field, named as --set names it
-    assert run.data.params["train.lr"] == "0.005" and run.data.params["scaling.num_workers"] == "2"
-    assert run.data.tags["task"] == "causal_lm" and run.data.tags["data_sources"] == cfg.data.train[0].split("/")[-1]
-    assert run.data.tags["base_model"] == cfg.model.name_or_path
-    loss = client.get_metric_history(m["run_id"], "loss")
-    assert [p.step for p in loss] == [h["step"] for h in res.history] == [1, 2, 3, 4, 5, 6]
-    assert [p.value for p in loss] == pytest.approx([h["loss"] for h in res.history])
-    assert [p.step for p in client.get_metric_history(m["run_id"], "val_loss")] == [2, 4, 6]
-    for key in ("lr", "grad_norm", "tokens_per_s_per_gpu", "peak_memory_mb", "perplexity"):
-        assert len(client.get_metric_history(m["run_id"], key)) >= 3, key
-    arts = {a.path for a in client.list_artifacts(m["run_id"], "train")}
-    assert arts == {"train/README.md", "train/report.md", "train/metrics.json"}
-
-    # The eval stage adds its test metrics and report to the training run
-    config = tmp_path / "run.yaml"
-    config.write_text(dump_config(cfg))
-    ev = run_eval(config, res.adapter_dir, limit=2)
-    metrics = client.get_run(m["run_id"]).data.metrics
-    assert metrics["eval/token_f1"] == pytest.approx(ev["token_f1"])
-    assert metrics["eval/rouge_l"] == pytest.approx(ev["rouge_l"]) and "eval/exact_match" in metrics
-    assert "eval/eval.json" in {a.path for a in client.list_artifacts(m["run_id"], "eval")}
-
-    # W&B, offline (no key here): the history of the same steps, the config, and the sync line
-    w = record["wandb"]
-    assert w["mode"] == "offline" and Path(w["offline_dir"]).is_dir()
-    kinds = [(r.WhichOneof("record_type"), r) for r in wandb_records(Path(w["offline_dir"]))]
-    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-               for k, r in kinds if k == "history"]
-    assert [h["_step"] for h in history] == [1, 2, 3, 4, 5, 6]
-    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in res.history])
-    assert [h["_step"] for h in history if "val_loss" in h] == [2, 4, 6]
-    config_keys = {u.key for k, r in kinds if k in ("run", "config")
-                   for u in (r.run.config.update if k == "run" else r.config.update)}
-    assert {"train.lr", "lora.r", "model.name_or_path"} <= config_keys
-    lines = tracking.where_to_look(res.run_dir)
-    assert any(f"wandb sync {res.run_dir}/wandb/offline-run-*" in line for line in lines)
-    assert len(list((res.run_dir / "wandb").glob("offline-run-*"))) == 2  # training, then eval's run
-    assert any(f"mlflow ui --backend-store-uri {m['tracking_uri']}" in line for line in lines)
-    assert f"mlflow ui --backend-store-uri {m['tracking_uri']}" in (res.run_dir / "report.md").read_text()
-
-    scalars = tensorboard_scalars(res.run_dir / "tensorboard")
-    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4, 5, 6]
-    assert [v for _, v in scalars["loss"]] == pytest.approx([h["loss"] for h in res.history], rel=1e-5)
-
-
 def test_unreachable_mlflow_warns_once_and_the_run_finishes(ray_local, qa_prepared, tiny_model_dir,
                                                           tmp_path, capsys):
     cfg = qa_cfg(tiny_model_dir, tmp_path, name="down", max_steps=2, eval_every=2)
@@ -182,6 +122,67 @@ def test_adapter_card_carries_training_and_eval_results(qa_run, tmp_path):
     values = {m["name"]: m["value"] for m in results["metrics"]}
     assert values == {"Exact match": round(ev["exact_match"], 4), "Token F1": round(ev["token_f1"], 4),
                       "ROUGE-L": round(ev["rouge_l"], 4)}
+
+
+def test_training_run_is_tracked_in_mlflow_wandb_and_tensorboard(qa_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.config import dump_config
+    from orchestrator.evaluate import run_eval
+
+    cfg, res = qa_run  # after the card test: the eval below rewrites the card with test results
+    record = json.loads((res.run_dir / tracking.TRACKING_FILE).read_text())
+    m = record["mlflow"]
+    assert m["tracking_uri"] == f"sqlite:///{res.run_dir}/mlflow.db" and m["experiment"] == cfg.name
+    client = MlflowClient(m["tracking_uri"])
+    runs = client.search_runs([m["experiment_id"]])
+    assert [r.info.run_id for r in runs] == [m["run_id"]]  # one run for 2 workers: rank 0 alone logs
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params == tracking.flat_params(cfg)  # every resolved field, named as --set names it
+    assert run.data.params["train.lr"] == "0.005" and run.data.params["scaling.num_workers"] == "2"
+    assert run.data.tags["task"] == "causal_lm" and run.data.tags["data_sources"] == cfg.data.train[0].split("/")[-1]
+    assert run.data.tags["base_model"] == cfg.model.name_or_path
+    loss = client.get_metric_history(m["run_id"], "loss")
+    assert [p.step for p in loss] == [h["step"] for h in res.history] == [1, 2, 3, 4, 5, 6]
+    assert [p.value for p in loss] == pytest.approx([h["loss"] for h in res.history])
+    assert [p.step for p in client.get_metric_history(m["run_id"], "val_loss")] == [2, 4, 6]
+    for key in ("lr", "grad_norm", "tokens_per_s_per_gpu", "peak_memory_mb", "perplexity"):
+        assert len(client.get_metric_history(m["run_id"], key)) >= 3, key
+    arts = {a.path for a in client.list_artifacts(m["run_id"], "train")}
+    assert arts == {"train/README.md", "train/report.md", "train/metrics.json"}
+
+    # The eval stage adds its test metrics and report to the training run
+    config = tmp_path / "run.yaml"
+    config.write_text(dump_config(cfg))
+    ev = run_eval(config, res.adapter_dir, limit=2)
+    metrics = client.get_run(m["run_id"]).data.metrics
+    assert metrics["eval/token_f1"] == pytest.approx(ev["token_f1"])
+    assert metrics["eval/rouge_l"] == pytest.approx(ev["rouge_l"]) and "eval/exact_match" in metrics
+    assert "eval/eval.json" in {a.path for a in client.list_artifacts(m["run_id"], "eval")}
+
+    # W&B, offline (no key here): the history of the same steps, the config, and the sync line
+    w = record["wandb"]
+    assert w["mode"] == "offline" and Path(w["offline_dir"]).is_dir()
+    kinds = [(r.WhichOneof("record_type"), r) for r in wandb_records(Path(w["offline_dir"]))]
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for k, r in kinds if k == "history"]
+    assert [h["_step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in res.history])
+    assert [h["_step"] for h in history if "val_loss" in h] == [2, 4, 6]
+    config_keys = {u.key for k, r in kinds if k in ("run", "config")
+                   for u in (r.run.config.update if k == "run" else r.config.update)}
+    assert {"train.lr", "lora.r", "model.name_or_path"} <= config_keys
+    lines = tracking.where_to_look(res.run_dir)
+    assert any(f"wandb sync {res.run_dir}/wandb/offline-run-*" in line for line in lines)
+    runs = list((res.run_dir / "wandb").glob("offline-run-*"))  # the training's, then one per eval
+    assert len(runs) >= 2 and Path(w["offline_dir"]) in runs
+    assert any(f"mlflow ui --backend-store-uri {m['tracking_uri']}" in line for line in lines)
+    assert f"mlflow ui --backend-store-uri {m['tracking_uri']}" in (res.run_dir / "report.md").read_text()
+
+    scalars = tensorboard_scalars(res.run_dir / "tensorboard")
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in scalars["loss"]] == pytest.approx([h["loss"] for h in res.history], rel=1e-5)
 
 
 def test_only_lora_parameters_change(tiny_model_dir, tmp_path):
