@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import subprocess
 import uuid
@@ -19,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, RunConfig
-
-log = logging.getLogger(__name__)
 
 TRACKING_FILE = "tracking.json"  # in a run dir: the runs this run logged to (eval and merge log there too)
 # Filesystems every node of a cluster sees the same way (a local store elsewhere scatters runs over nodes)
@@ -124,21 +121,6 @@ def wandb_has_key() -> bool:
 
 
 @contextlib.contextmanager
-def _quick_mlflow():
-    """MLflow's HTTP client retries a dead server for minutes by default; a probe should take seconds."""
-    saved = {k: os.environ.get(k) for k in _QUICK}
-    os.environ.update(_QUICK)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
 def _keep_env(name: str):
     saved = os.environ.get(name)
     try:
@@ -148,6 +130,16 @@ def _keep_env(name: str):
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved
+
+
+@contextlib.contextmanager
+def _quick_mlflow():
+    """MLflow's HTTP client retries a dead server for minutes by default; a probe should take seconds."""
+    with contextlib.ExitStack() as stack:
+        for name in _QUICK:
+            stack.enter_context(_keep_env(name))
+        os.environ.update(_QUICK)
+        yield
 
 
 def _mlflow_experiment(uri: str, name: str, artifacts: Path | None) -> str:
@@ -224,7 +216,7 @@ class Tracker:
         write_record(Path(plan_["run_dir"]), self.record)
 
     def _guard(self, backend: str, fn, *args) -> None:
-        if backend != "tensorboard" and backend not in self.plan["backends"]:
+        if backend not in self.plan["backends"]:
             return
         try:
             fn(*args)
