@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory (a run's adapter/ or a checkpoint's)")
     p.add_argument("--limit", type=int, help="evaluate only the first N test examples")
 
+    p = sub.add_parser("export", help="merge an adapter and write it as one GGUF file for llama.cpp")
+    _add_config(p)
+    p.add_argument("--adapter", required=True, help="adapter directory (a run's adapter/ or best_adapter/)")
+    p.add_argument("--format", default="gguf", choices=["gguf"])
+    p.add_argument("--quant", default="q8_0", choices=["f16", "q8_0", "q4_k_m"])
+    p.add_argument("--out", help="output file (default: next to the adapter, gguf/NAME-QUANT.gguf)")
+    p.add_argument("--check", type=int, default=8, help="held-out prompts llama.cpp answers to check the file "
+                   "against the merged model (0: no check)")
+
     p = sub.add_parser("init-model", help="build the embedded tiny Llama base model and tokenizer")
     _add_config(p)
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
@@ -118,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.evaluate import run_eval
 
             run_eval(args.config, args.adapter, args.overrides, args.limit)
+        elif args.command == "export":
+            from orchestrator.export import run_export
+
+            run_export(args.config, args.adapter, args.overrides, args.format, args.quant, args.out, args.check)
         elif args.command == "init-model":
             from orchestrator.config import load_config
             from orchestrator.tiny import ensure_base_model
@@ -125,12 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             if not cfg.model.build_tiny:
                 raise ConfigError(f"{args.config}: model.build_tiny is false; nothing to build")
-            if args.force:
-                import shutil
-
-                shutil.rmtree(cfg.model.name_or_path, ignore_errors=True)
-            ensure_base_model(cfg)
-            print(f"tiny base model: {cfg.model.name_or_path}")
+            ensure_base_model(cfg, force=args.force)  # a rebuild replaces the old one in one rename
+            print(f"tiny base model: {cfg.model.name_or_path} (its build: build.json)")
         elif args.command == "k8s":
             from orchestrator.k8s import run_k8s
 

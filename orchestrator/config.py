@@ -47,6 +47,11 @@ class ModelConfig(_Strict):
         description="Full-parameter causal-LM pre-training steps on the corpus text when the tiny model is "
         "built, so QLoRA adapts a model that already models the text (0 keeps random weights).",
     )
+    tiny_pretrain_qa: bool = Field(
+        True,
+        description="Pre-train the tiny model on the training split's QA pairs too (chat-formatted, as the "
+        "fine-tune sees them), beside the corpus text; validation and test pairs are never seen.",
+    )
     trust_remote_code: bool = False
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = "sdpa"
     revision: str | None = None
@@ -114,6 +119,9 @@ class DataConfig(_Strict):
     max_seq_length: int = Field(512, ge=8, le=131072)
     packing: bool = Field(True, description="Pack short examples into full rows (causal_lm) instead of padding.")
     pad_to_multiple_of: int | None = None
+    group_by_length: bool = Field(True, description="Unpacked rows (NER, QA without packing): rows of similar length "
+                                  "share a micro-batch (sorted within windows of 32 micro-batches, served in random "
+                                  "order), so little compute goes to padding.")
     qa: QAGeneratorConfig = Field(default_factory=QAGeneratorConfig)
     chat_template: Literal["auto", "plain"] = Field(
         "auto", description="auto: the tokenizer's chat template if it has one, else the plain ### template."
@@ -476,7 +484,7 @@ def dump_config(cfg: RunConfig) -> str:
 
 # --- pipelines: several runs and the stages over them (`orchestrator pipeline`, `orchestrator demo`) ---
 
-Stage = Literal["train", "tune", "merge", "serve", "ask"]
+Stage = Literal["train", "tune", "eval", "merge", "serve", "ask"]
 
 
 class PipelineRun(_Strict):
@@ -501,7 +509,9 @@ class PipelineConfig(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     runs: list[PipelineRun] = Field(min_length=1)
-    stages: list[Stage] = Field(default_factory=lambda: ["train", "tune", "merge", "serve", "ask"])
+    stages: list[Stage] = Field(default_factory=lambda: ["train", "tune", "eval", "merge", "serve", "ask"])
+    eval_examples: int = Field(32, ge=1, description="Stage eval: greedy answers to this many training-split and "
+                               "validation-split questions (QA runs), scored by exact match, token F1 and ROUGE-L.")
     set: dict[str, Any] = Field(default_factory=dict, description="Overrides applied to every run, after its own.")
     output_dir: str = Field("runs", description="Runs land in OUTPUT_DIR/NAME/RUN; the pipeline report in OUTPUT_DIR/NAME.")
     base_dir: str | None = Field(None, description="Resolve relative paths against this directory (relative to the "
@@ -515,7 +525,7 @@ class PipelineConfig(_Strict):
     @field_validator("stages")
     @classmethod
     def _order(cls, stages: list[str]) -> list[str]:
-        order = ["train", "tune", "merge", "serve", "ask"]
+        order = ["train", "tune", "eval", "merge", "serve", "ask"]
         if len(set(stages)) != len(stages):
             raise ValueError(f"a stage is listed twice in {stages}")
         if "ask" in stages and "serve" not in stages:

@@ -340,6 +340,33 @@ def make_collate(pad_id: int, packed: bool, multiple_of: int | None = None):
     return collate
 
 
+def micro_batches(shard, micro: int, collate, seed: int, device, group_by_length: bool = False,
+                  window: int = 32):
+    """One epoch of a shard's training micro-batches, shuffled through a local buffer (seeded per epoch).
+
+    With ``group_by_length`` (unpacked rows: NER, unpacked QA) rows of similar length share a micro-batch, so
+    little of a batch is padding: every ``window`` micro-batches' worth of rows is sorted by length and cut,
+    and those micro-batches are served in a seeded random order. Same rows, same number of micro-batches."""
+    import random
+
+    import torch
+
+    buffer = max(256, 4 * micro)
+    if not group_by_length:
+        yield from shard.iter_torch_batches(batch_size=micro, collate_fn=collate, device=device,
+                                            local_shuffle_buffer_size=buffer, local_shuffle_seed=seed)
+        return
+    rng = random.Random(seed)
+    for big in shard.iter_batches(batch_size=micro * window, batch_format="numpy",
+                                  local_shuffle_buffer_size=max(buffer, micro * window), local_shuffle_seed=seed):
+        order = sorted(range(len(big["input_ids"])), key=lambda i: len(big["input_ids"][i]))
+        chunks = [order[i: i + micro] for i in range(0, len(order), micro)]
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            batch = collate({k: [v[i] for i in chunk] for k, v in big.items()})
+            yield {k: t.to(device) if isinstance(t, torch.Tensor) else t for k, t in batch.items()}
+
+
 def write_parquet(prepared: Prepared, out_dir: str | Path, meta: dict[str, Any]) -> Path:
     """Write every tokenized split to Parquet under ``out_dir`` atomically (all or nothing)."""
     out_dir = Path(out_dir)

@@ -46,6 +46,7 @@ class RunOutcome:
     study: list[dict[str, Any]] = field(default_factory=list)
     best_trial: dict[str, Any] | None = None
     merge: dict[str, Any] | None = None
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
     answers: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -128,6 +129,24 @@ def _tune(tcfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return trials, best
 
 
+def _eval(cfg: RunConfig, n: int) -> dict[str, dict[str, Any]]:
+    """QA runs: greedy answers to ``n`` questions it trained on and ``n`` it did not (validation split),
+    scored; written to RUN_DIR/eval_splits.json. NER runs are scored on their validation split while training."""
+    if cfg.model.task != "causal_lm":
+        return {}
+    from orchestrator.data import causal_lm_rows
+    from orchestrator.evaluate import evaluate_qa
+
+    raw, _, _ = causal_lm_rows(cfg)
+    adapter = Path(cfg.run_dir) / "adapter"
+    out = {split: evaluate_qa(cfg, adapter, raw[split], n) for split in ("train", "validation") if raw.get(split)}
+    atomic_write_text(Path(cfg.run_dir) / "eval_splits.json", json.dumps(out, indent=2))
+    for split, r in out.items():
+        print(f"  {cfg.name}: {r['examples']} {split} questions: exact match {r['exact_match']:.3f}, "
+              f"token F1 {r['token_f1']:.3f}, ROUGE-L {r['rouge_l']:.3f}")
+    return out
+
+
 def _merge(cfg: RunConfig) -> dict[str, Any]:
     from orchestrator.merge import heldout_rows, merge_adapter
 
@@ -176,7 +195,9 @@ def run_pipeline(pipe: PipelineConfig, cfgs: list[RunConfig]) -> PipelineResult:
 
     stages = pipe.stages
     tuned = [(c, study_config(c, r.tune_set)) for c, r in zip(cfgs, pipe.runs, strict=True) if r.tune]
-    steps = (len(cfgs) * ("train" in stages) + len(tuned) * ("tune" in stages) + ("merge" in stages)
+    qa = [o for o in cfgs if o.model.task == "causal_lm"]
+    steps = (len(cfgs) * ("train" in stages) + len(tuned) * ("tune" in stages) + bool(qa) * ("eval" in stages)
+             + ("merge" in stages)
              + ("serve" in stages) + ("ask" in stages) + 1)
     progress = Progress(steps + 1)
     report_dir = Path(cfgs[0].output_dir)
@@ -200,6 +221,11 @@ def run_pipeline(pipe: PipelineConfig, cfgs: list[RunConfig]) -> PipelineResult:
                 progress.stage(f"tune {c.name}: {t.num_samples} sample(s) of the space over {', '.join(t.search_space)}, "
                                f"{t.scheduler} scheduler, metric {t.metric} ({t.mode})")
                 o.study, o.best_trial = _tune(tcfg)
+        if "eval" in stages and qa:
+            progress.stage(f"eval: greedy answers to {pipe.eval_examples} trained and {pipe.eval_examples} held-out "
+                           "questions")
+            for o in outcomes:
+                o.evals = _eval(o.cfg, pipe.eval_examples)
         if "merge" in stages:
             progress.stage("merge: adapters into their 16-bit bases")
             for o in outcomes:
@@ -324,6 +350,16 @@ def write_report(pipe: PipelineConfig, report_dir: Path, outcomes: list[RunOutco
                    _md_table([["trial", metric, "status", "evals"]]
                              + [[t["trial_id"], f"{t[metric]:.4g}" if t[metric] is not None else "-", t["status"],
                                  str(t["evals"])] for t in o.study])]
+        if o.evals:
+            md += ["", "Greedy answers, scored against the reference clauses:", "",
+                   _md_table([["questions", "examples", "exact match", "token F1", "ROUGE-L"]]
+                             + [[f"{split} split" + (" (trained on)" if split == "train" else " (held out)"),
+                                 str(r["examples"]), f"{r['exact_match']:.3f}", f"{r['token_f1']:.3f}",
+                                 f"{r['rouge_l']:.3f}"] for split, r in o.evals.items()])]
+        if o.cfg.model.task == "token_classification" and "entity_f1" in o.metrics.get("final_eval", {}):
+            fe = o.metrics["final_eval"]
+            md += ["", f"Validation split (devel), last evaluation: entity precision {fe['entity_precision']:.3f}, "
+                   f"recall {fe['entity_recall']:.3f}, **F1 {fe['entity_f1']:.3f}** (seqeval, strict spans)."]
         if o.merge:
             md += ["", f"Merged model: [{name}/merged]({name}/merged/README.md) ({o.merge['method']})"]
         for a in o.answers:
@@ -339,6 +375,8 @@ def write_report(pipe: PipelineConfig, report_dir: Path, outcomes: list[RunOutco
     atomic_write_text(report_dir / "summary.json", json.dumps(
         {"name": pipe.name, "stages": pipe.stages, "wall": elapsed, "table": rows,
          "answers": {o.cfg.name: o.answers for o in outcomes},
+         "evals": {o.cfg.name: {k: {m: v for m, v in r.items() if m != "samples"} for k, r in o.evals.items()}
+                   for o in outcomes if o.evals},
          "tune_best": {o.cfg.name: o.best_trial for o in outcomes if o.best_trial}}, indent=2, default=str))
     return _text_table(rows)
 

@@ -3,7 +3,8 @@
 Three sources, picked by ``data.qa.kind``:
 
 * ``rules`` (default): a deterministic generator that needs no network. Questions come from article
-  titles, clauses and sub-clauses; answers are the text itself.
+  numbers and titles, clauses, sub-clauses and offices ("The President shall be the head of state..." ->
+  "Who is the head of state...?"); answers are the text itself.
 * ``llm``: any OpenAI-compatible chat endpoint writes the pairs, with retries and backoff, a request-rate
   limit, JSON validation, and an on-disk cache so a re-run never pays for the same request twice.
 * ``jsonl``: the user's own pairs, one ``{"question": ..., "answer": ...}`` object per line.
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 DOC_NAME = "the Constitution of Nepal"
 _MAX_ANSWER_CHARS = 1200
+# "The President shall be the head of state of Nepal." -> "Who is the head of state of Nepal?"
+_OFFICE = re.compile(r"^(?:The|There shall be an?) [A-Z][\w-]*(?: (?:[A-Z][\w-]*|of|and|the))* shall be (the [^.;:,]+?)\.")
 
 
 def _clip(text: str, limit: int = _MAX_ANSWER_CHARS) -> str:
@@ -58,6 +62,7 @@ def rule_based_pairs(article: dict[str, Any], doc: str = DOC_NAME) -> list[dict[
     if text:
         pairs.append({"question": f"What does Article {n} of {doc} provide about {title.lower()}?",
                       "answer": _clip(text), **src})
+        pairs.append({"question": f"What does Article {n} of {doc} provide?", "answer": _clip(text), **src})
     for clause in article.get("clauses") or []:
         c = clause["number"]
         ctext = clause["text"]
@@ -65,6 +70,8 @@ def rule_based_pairs(article: dict[str, Any], doc: str = DOC_NAME) -> list[dict[
             continue
         pairs.append({"question": f"What does clause ({c}) of Article {n} ({title}) of {doc} say?",
                       "answer": _sentence(_clip(ctext)), **src})
+        if office := _OFFICE.match(ctext):
+            pairs.append({"question": f"Who is {office.group(1)}?", "answer": _sentence(_clip(ctext)), **src})
         for letter, stext in clause.get("subclauses") or []:
             if stext:
                 pairs.append({

@@ -61,15 +61,24 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096):
 def build_tiny_llama(out_dir: str | Path, texts: list[str], vocab_size: int = 4096,
                      hidden: int = 256, layers: int = 4, heads: int = 4, intermediate: int = 704,
                      max_positions: int = 2048, seed: int = 0, force: bool = False,
-                     pretrain_steps: int = 0) -> Path:
+                     pretrain_steps: int = 0, qa_pairs: list[dict] | None = None,
+                     record: dict | None = None, chat_template: str = "auto",
+                     system_prompt: str | None = None) -> Path:
     """Build (once) the tiny Llama-architecture base model, with a tokenizer trained on ``texts``,
-    optionally pre-trained for ``pretrain_steps`` on the same texts."""
+    optionally pre-trained for ``pretrain_steps`` on the texts and the chat-formatted ``qa_pairs``.
+    ``build.json`` beside the weights records what it was built from and how the loss went."""
+    import json
+    import platform
+    import time
+
     import torch
+    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists() and not force:
         return out_dir
+    t0 = time.perf_counter()
     tokenizer = train_tokenizer(texts, vocab_size)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
@@ -78,47 +87,78 @@ def build_tiny_llama(out_dir: str | Path, texts: list[str], vocab_size: int = 40
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                       tie_word_embeddings=False, rms_norm_eps=1e-5)
     model = LlamaForCausalLM(cfg)
-    if pretrain_steps:
-        pretrain(model, tokenizer, texts, pretrain_steps, seed=seed)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    docs = list(texts) + [qa_document(tokenizer, q, chat_template, system_prompt) for q in qa_pairs or []]
+    losses = pretrain(model, tokenizer, docs, pretrain_steps, seed=seed) if pretrain_steps else []
     n = sum(p.numel() for p in model.parameters())
+    build = {
+        **(record or {}),
+        "architecture": {"hidden": hidden, "layers": layers, "heads": heads, "intermediate": intermediate,
+                         "vocab": len(tokenizer), "parameters": n},
+        "pretraining": {"steps": pretrain_steps, "texts": len(texts), "qa_pairs": len(qa_pairs or []),
+                        "first_loss": round(losses[0], 4) if losses else None,
+                        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4) if losses else None,
+                        "seed": seed},
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="12MB")  # files small enough for git
+        tokenizer.save_pretrained(tmp)
+        (tmp / "build.json").write_text(json.dumps(build, indent=2) + "\n")
     log.info("built tiny Llama (%.1fM params, vocab %d) at %s", n / 1e6, len(tokenizer), out_dir)
     return out_dir
 
 
-def pretrain(model, tokenizer, texts: list[str], steps: int, seq_len: int = 256, batch_size: int = 8,
+def qa_document(tokenizer, pair: dict, mode: str = "auto", system_prompt: str | None = None) -> str:
+    """One QA pair as the fine-tune will show it (chat template, answer, end of sequence)."""
+    from orchestrator.tokenization import format_prompt_answer
+
+    prompt, answer = format_prompt_answer(tokenizer, pair["question"], pair["answer"], mode, system_prompt)
+    return prompt + answer + ("" if answer.endswith(tokenizer.eos_token) else tokenizer.eos_token)
+
+
+def pretrain(model, tokenizer, docs: list[str], steps: int, seq_len: int = 256, batch_size: int = 16,
              lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """Plain full-parameter next-token pre-training on the concatenated texts (random 256-token windows),
-    AdamW with linear warm-up and cosine decay, on the GPU when there is one (the model goes back to
-    the CPU afterwards). Returns the per-step losses."""
+    """Plain full-parameter next-token pre-training: every epoch the documents are shuffled, joined and cut
+    into ``seq_len`` rows; AdamW with linear warm-up and cosine decay, on the GPU when there is one (the
+    model goes back to the CPU afterwards). Returns the per-step losses."""
     import math
+    import random
 
     import torch
     from tqdm.auto import tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    encoded = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    encoded = [ids + [tokenizer.eos_token_id] if ids[-1:] != [tokenizer.eos_token_id] else ids
+               for ids in encoded if ids]
+    if sum(map(len, encoded)) <= seq_len * batch_size:
+        raise ValueError(f"pre-training needs more than {seq_len * batch_size} tokens of text, "
+                         f"got {sum(map(len, encoded))}")
+    rng = random.Random(seed)
 
-    ids = []
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-    stream = torch.tensor(ids, dtype=torch.long)
-    if len(stream) <= seq_len + 1:
-        raise ValueError(f"pre-training needs more than {seq_len + 1} tokens of text, got {len(stream)}")
-    gen = torch.Generator().manual_seed(seed)
+    def batches():
+        while True:
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            stream = torch.tensor([t for i in order for t in encoded[i]], dtype=torch.long)
+            rows = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)
+            rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(rng.randrange(2**31)))]
+            for b in range(0, len(rows) - batch_size + 1, batch_size):
+                yield rows[b: b + batch_size]
+
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+        opt, lambda s: (s + 1) / warm if s < warm else 0.05 + 0.475 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
     model.train()
     losses = []
     bar = tqdm(range(steps), desc="pre-training tiny base", mininterval=5)
+    source = batches()
     for _ in bar:
-        starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=gen)
-        batch = torch.stack([stream[s: s + seq_len] for s in starts.tolist()]).to(device)
+        batch = next(source).to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -129,27 +169,52 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seq_len: int = 256,
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval().to("cpu")
     log.info("pre-trained the tiny base for %d steps on %d tokens: loss %.3f -> %.3f",
-             steps, len(stream), losses[0], sum(losses[-10:]) / len(losses[-10:]))
+             steps, sum(map(len, encoded)), losses[0], sum(losses[-10:]) / len(losses[-10:]))
     return losses
 
 
-def ensure_base_model(cfg) -> None:
-    """Build the tiny model named by a config with ``model.build_tiny: true`` if it is missing."""
-    if not cfg.model.build_tiny:
-        return
-    path = Path(cfg.model.name_or_path)
-    if (path / "config.json").exists():
-        return
-    if cfg.data.format == "pdf":
-        texts = corpus_text(cfg.data.train)
-    elif cfg.data.format == "qa_jsonl":
+def base_corpus(cfg) -> tuple[list[str], list[dict], dict]:
+    """What the embedded base learns from: the cleaned pages of the config's PDFs and, with
+    ``model.tiny_pretrain_qa``, the QA pairs of the fine-tune's training split (the same seeded split;
+    validation and test pairs are never seen). Also the record of those sources for ``build.json``."""
+    import hashlib
+
+    if cfg.data.format == "qa_jsonl":
         from orchestrator.qa import read_qa_jsonl
 
         texts = [f"{r['question']}\n{r['answer']}" for p in cfg.data.train for r in read_qa_jsonl(p)]
-    else:
+        return texts, [], {"data": {"qa_jsonl": [str(p) for p in cfg.data.train]}}
+    if cfg.data.format != "pdf":
         raise ValueError(f"model.build_tiny builds a causal LM; data.format={cfg.data.format} is not text")
-    log.info("building the tiny base model at %s (tokenizer trained on %d texts)", path, len(texts))
-    build_tiny_llama(path, texts, pretrain_steps=cfg.model.tiny_pretrain_steps)
+    from orchestrator.data import _cap, _split, qa_pairs
+    from orchestrator.documents import segment
+
+    texts, articles, docs = [], [], []
+    for p in cfg.data.train:
+        pages = corpus_text([p])
+        texts += pages
+        rows = sorted((a.to_row() for a in segment([(i, t.split("\n")) for i, t in enumerate(pages)])),
+                      key=lambda r: r["number"])
+        articles += rows
+        docs.append({"path": Path(p).name, "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest(),
+                     "pages": len(pages), "articles": len(rows)})
+    qa = _cap(cfg, _split(cfg, qa_pairs(cfg, articles)))["train"] if cfg.model.tiny_pretrain_qa else []
+    record = {"data": {"documents": docs, "qa": {"kind": cfg.data.qa.kind, "split": "train",
+                                                 "split_seed": cfg.data.split_seed, "pairs": len(qa)}}}
+    return texts, qa, record
+
+
+def ensure_base_model(cfg, force: bool = False) -> None:
+    """Build the tiny model named by a config with ``model.build_tiny: true`` if it is missing (or ``force``)."""
+    if not cfg.model.build_tiny:
+        return
+    path = Path(cfg.model.name_or_path)
+    if (path / "config.json").exists() and not force:
+        return
+    texts, qa, record = base_corpus(cfg)
+    log.info("building the tiny base model at %s (tokenizer trained on %d texts, %d QA pairs)", path, len(texts), len(qa))
+    build_tiny_llama(path, texts, pretrain_steps=cfg.model.tiny_pretrain_steps, force=force, qa_pairs=qa,
+                     record=record, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
 
 
 def resolve_model_path(name_or_path: str) -> str:

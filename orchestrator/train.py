@@ -199,7 +199,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
     from orchestrator.backends import make_backend, resolve
-    from orchestrator.data import load_tokenizer
+    from orchestrator.data import load_tokenizer, micro_batches
     from orchestrator.model import param_counts
     from orchestrator.strategy import make_strategy
     from orchestrator.tasks import EvalAccumulator, count_real_tokens, make_task
@@ -240,6 +240,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                              forward_module=backend.training_module(model, cfg))
     core = strategy.core
     task = make_task(cfg.model.task, tokenizer.pad_token_id, cfg.data.packing, labels)
+    group_by_length = cfg.data.group_by_length and not (cfg.model.task == "causal_lm" and cfg.data.packing)
     if state:
         strategy.load_optimizer_state(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -332,9 +333,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     t_window, tok_window, wait_window = time.perf_counter(), 0, 0.0
     pending: dict[str, Any] | None = None  # the previous step, recorded once this step's work is queued
     while step < plan.total_steps:
-        batches = iter(train_shard.iter_torch_batches(
-            batch_size=t.micro_batch_size, collate_fn=task.collate, device="cpu" if backend.host_batches else device,
-            local_shuffle_buffer_size=max(256, 4 * t.micro_batch_size), local_shuffle_seed=t.seed + epoch))
+        batches = iter(micro_batches(train_shard, t.micro_batch_size, task.collate, t.seed + epoch,
+                                     "cpu" if backend.host_batches else device, group_by_length))
         for _ in range(micro_done):  # data position on resume: skip what was consumed
             next(batches)
         while micro_done < plan.micro_per_epoch and step < plan.total_steps:

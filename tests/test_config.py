@@ -117,7 +117,7 @@ def test_pipeline_file_errors_name_the_field(tmp_path):
 
     pipe, cfgs = load_pipeline(DEMO, ["set.train.max_steps=3", "runs.1.set.train.lr=0.01"])
     assert [c.train.max_steps for c in cfgs] == [3, 3] and cfgs[1].train.lr == 0.01
-    assert pipe.stages == ["train", "tune", "merge", "serve", "ask"]
+    assert pipe.stages == ["train", "tune", "eval", "merge", "serve", "ask"]
     with pytest.raises(ConfigError, match=r"runs\[1\] \(medical-ner-tiny.yaml\): .*medical-ner-tiny.yaml: train.lr: Input should be greater than 0$"):
         load_pipeline(DEMO, ["runs.1.set.train.lr=-1"])
     with pytest.raises(ConfigError, match="stages.*ask needs stage serve"):

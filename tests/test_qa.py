@@ -25,6 +25,12 @@ def test_rule_based_pairs_shape_and_determinism(articles):
                and p["answer"].startswith("Article 16 (Right to live with dignity), in Part 3") for p in art16)
     assert any("clause (1) of Article 16" in p["question"] and
                p["answer"].startswith("Every person shall have the right to live with dignity") for p in art16)
+    assert any(p["question"] == "What does Article 16 of the Constitution of Nepal provide?" for p in art16)
+    offices = {p["question"]: p for p in pairs if p["question"].startswith("Who is ")}
+    if any(r["number"] == 61 for r in rows):
+        president = offices["Who is the head of state of Nepal?"]
+        assert president["article"] == 61 and president["answer"].startswith("The President shall be the head of")
+    assert all("," not in q for q in offices)
 
 
 @pytest.mark.parametrize("mode", ["auto", "plain"])
