@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="deploy merged models on Ray Serve (OpenAI-compatible + entities API)")
     p.add_argument("configs", nargs="+", help="run configs, one served model each")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    p.add_argument("--model", action="append", help="merged model dir per config (default RUN_DIR/merged)")
+    p.add_argument("--model", action="append", help="merged model dir per config (default RUN_DIR/merged); an "
+                   "adapter dir is merged first onto the base its adapter_config.json records")
 
     p = sub.add_parser("pipeline", help="run the stages of a pipeline file (train, tune, merge, serve, ask) end to end")
     p.add_argument("pipeline", help="pipeline YAML (e.g. configs/demo.yaml)")

@@ -1,7 +1,7 @@
 """`orchestrator serve CONFIG [CONFIG ...]`: deploy merged models on Ray Serve (the app is serve/app.py).
 
 Each run config contributes one model: its merged model (``RUN_DIR/merged`` unless ``--model`` names
-another directory) with the config's ``serve`` section (replicas, autoscaling, batching, limits). The same
+another directory; an adapter directory there is merged first onto the base it records) with the config's ``serve`` section (replicas, autoscaling, batching, limits). The same
 arguments are written as a Serve config file (``serve_config.yaml``) usable with ``serve deploy``.
 """
 
@@ -82,6 +82,20 @@ def urls(url: str, args: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def served_model(config: str | Path, model: str | None, overrides: list[str] | None = None) -> str | None:
+    """``--model`` as given, except an adapter directory: it is merged first (into ``merged/`` beside it) onto the
+    base the adapter records, as `orchestrator merge` would, and that merged model is served."""
+    if not model or not (Path(model) / "adapter_config.json").is_file():
+        return model
+    from orchestrator.merge import run_merge
+
+    out = Path(model).resolve().parent / "merged"
+    if not (out / "config.json").is_file():
+        print(f"{model}: an adapter; merging it into its base first ({out})")
+        run_merge(config, model, overrides, str(out), compare=False, examples=8)
+    return str(out)
+
+
 def run_serve(configs: list[str | Path], overrides: list[str] | None = None, models: list[str] | None = None,
               blocking: bool = True) -> str:
     """Entry for `orchestrator serve` (blocks) and jobs/deploy.py (returns; Serve apps outlive the job)."""
@@ -90,6 +104,7 @@ def run_serve(configs: list[str | Path], overrides: list[str] | None = None, mod
     cfgs = [load_config(c, overrides) for c in configs]
     if models and len(models) != len(cfgs):
         raise ConfigError(f"--model given {len(models)} times for {len(cfgs)} configs")
+    models = [served_model(c, m, overrides) for c, m in zip(configs, models or [None] * len(cfgs), strict=True)]
     args = app_args(cfgs, models)
     s = cfgs[0].serve
     out = Path(cfgs[0].output_dir) / "serve_config.yaml"

@@ -254,8 +254,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         acc = EvalAccumulator()
         shard, n, batch = my_shard("validation"), 0, None
         with torch.no_grad(), autocast(cfg, device, backend.autocast):
-            for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=task.collate,
-                                                  device=device):
+            for batch in micro_batches(shard, t.micro_batch_size, task.collate, 0, device, group_by_length):
                 task.accumulate(acc, batch, backend.forward(core, task.forward_inputs(batch), train=False))
                 n += 1
             if strategy.lockstep_forward:  # ZeRO-3: a forward is collective; a shorter shard repeats, unrecorded

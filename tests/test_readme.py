@@ -42,12 +42,12 @@ SKIP = [
     (("ray stop",), "would also stop this test session's Ray; the test stops the head by its process group"),
 ]
 # extra arguments per command (matched by substring), so the run fits the suite's time
-TINY = ["--set", "model.tiny_pretrain_steps=10", "--set", "data.qa.max_articles=12", "--set",
+TINY = ["--set", "data.qa.max_articles=12", "--set",
         "data.max_seq_length=128", "--set", "data.tokenize_actors=1", "--set", "train.max_steps=2",
         "--set", "train.eval_every=2", "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1"]
 SHORTEN = [
     ("orchestrator demo", [  # outputs under the test's directory, not the checkout's runs/ (which it would reuse)
-        "--set", "output_dir={tmp}/runs", "--set", "runs.0.set.model.tiny_pretrain_steps=10", "--set", "set.train.max_steps=4",
+        "--set", "output_dir={tmp}/runs", "--set", "eval_examples=4", "--set", "set.train.max_steps=4",
         "--set", "set.train.eval_every=2", "--set", "set.train.log_every=2", "--set", "set.data.max_seq_length=128",
         "--set", "set.data.max_examples=120", "--set", "set.data.qa.max_articles=12",
         "--set", "runs.0.tune_set.train.max_steps=2", "--set", "ask.max_tokens=8"]),
@@ -147,7 +147,8 @@ def test_readme_commands_run_as_written(tmp_path):
     demo = tmp_path / "runs/demo"
     assert (demo / "report.md").exists() and (demo / "summary.json").exists() and (demo / "losses.png").exists()
     jobs = tmp_path / "jobruns/constitution-qa-tiny"
-    assert (tmp_path / "jobruns/models/tiny-llama/config.json").exists()  # built by the first job, under output_dir
+    base = json.loads((jobs / "adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base.endswith("models/constitution-tiny-llama")  # the shipped base, travelled with the working dir
     for out in ("adapter/adapter_model.safetensors", "eval.json", "trials.csv", "best_config.yaml",
                 "merged/config.json", "merged/README.md"):
         assert (jobs / out).exists(), out

@@ -17,3 +17,30 @@ def test_pretraining_lowers_the_loss_on_corpus_text(constitution_pages):
     losses = pretrain(model, tok, texts, steps=40, seq_len=64, batch_size=8, lr=5e-3)
     assert len(losses) == 40 and not model.training
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5  # 6.7 -> 5.2 when measured
+
+
+def test_the_shipped_base_learnt_the_training_split_and_nothing_held_out(ray_local):
+    """The shipped base's QA pairs are exactly the fine-tune's training split (same rules, same seeded split),
+    and its build record matches the data shipped beside it (a change to the rules shows here)."""
+    import hashlib
+    import json
+
+    from orchestrator.config import load_config
+    from orchestrator.data import causal_lm_rows
+    from orchestrator.tiny import base_corpus
+
+    from .conftest import ROOT
+
+    cfg = load_config(ROOT / "configs/constitution-qa-tiny.yaml", [])
+    texts, qa, record = base_corpus(cfg)
+    raw, _, _ = causal_lm_rows(cfg)
+    assert qa == raw["train"] and len(texts) == 240
+    held = {(r["question"], r["answer"]) for r in raw["validation"] + raw["test"]}
+    assert not held & {(r["question"], r["answer"]) for r in qa}
+
+    build = json.loads((ROOT / cfg.model.name_or_path / "build.json").read_text())
+    pdf = ROOT / "data/constitution/constitution-of-nepal-2015-en.pdf"
+    assert build["data"] == record["data"]
+    assert build["data"]["documents"][0]["sha256"] == hashlib.sha256(pdf.read_bytes()).hexdigest()
+    assert build["pretraining"]["steps"] == cfg.model.tiny_pretrain_steps
+    assert build["pretraining"]["final_loss"] < 0.2 < 8 < build["pretraining"]["first_loss"]
