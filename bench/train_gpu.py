@@ -21,7 +21,8 @@ FLOP/s + attention (12 * layers * hidden * seq per token), N_active counting eve
 the forward and backward pass (the frozen 4-bit weights take part in both); per GPU for multi-GPU runs.
 Also per project variant: the share of step time a worker was blocked on the Ray Data stream
 (``data_wait_fraction``) and the GPUs' busy fraction (``nvidia-smi`` utilization over the measured steps).
-``VARIANT@N`` runs a project variant on N GPU workers (DDP, or DeepSpeed ZeRO-2/3 for ``project-zero2``/
+``project-<backend>[-mbN]-prof`` also profiles steps 6-8 (``train.profile_steps``): device busy fraction from
+the trace, the longest idle gaps and the host op running when each began. ``VARIANT@N`` runs a project variant on N GPU workers (DDP, or DeepSpeed ZeRO-2/3 for ``project-zero2``/
 ``project-zero3``); with the 1-GPU variant (or ``project``) in the same run it reports scaling efficiency =
 throughput(N) / (N * throughput(1)). Writes
 bench/results/train_gpu_<mix>[_TAG].json.
@@ -76,11 +77,13 @@ def variant_overrides(name: str) -> dict:
     (default 4), gradient checkpointing on."""
     if name in VARIANTS:
         return VARIANTS[name]
-    m = re.fullmatch(r"project-(auto|hf|liger|unsloth)(?:-mb(\d+))?", name)
+    m = re.fullmatch(r"project-(auto|hf|liger|unsloth)(?:-mb(\d+))?(-prof)?", name)
     if not m:
-        raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, project-<backend>[-mbN], "
+        raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, project-<backend>[-mbN][-prof], "
                          f"or a peer {PEERS}")
-    return {"train.backend": m[1], "train.micro_batch_size": int(m[2] or 4), "train.gradient_checkpointing": True}
+    prof = {"train.profile_steps": [6, 8]} if m[3] else {}  # torch.profiler over steps 6-8 of rank 0
+    return {"train.backend": m[1], "train.micro_batch_size": int(m[2] or 4), "train.gradient_checkpointing": True,
+            **prof}
 
 
 def run_peer(variant: str, model: str, shapes: str, steps: int) -> dict:
@@ -240,6 +243,9 @@ def run_project(cfg, prepared, sampler: GpuSampler | None = None) -> dict:
                                         / sum(h["step_time_s"] for h in measured), 4),
                micro_batch=cfg.train.micro_batch_size, gradient_checkpointing=cfg.train.gradient_checkpointing,
                packing=cfg.data.packing, max_seq_length=cfg.data.max_seq_length)
+    prof = Path(cfg.run_dir) / "profile" / "summary.json"
+    if prof.is_file():  # train.profile_steps: device busy and idle gaps from torch.profiler's trace
+        out["profile"] = json.loads(prof.read_text())
     if sampler:  # GPU busy over the measured steps (rank 0's clock; one host)
         out["gpu_busy_fraction"] = sampler.busy(measured[0]["timestamp"] - measured[0]["step_time_s"],
                                                 measured[-1]["timestamp"], n)

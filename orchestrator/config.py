@@ -175,7 +175,18 @@ class TrainConfig(_Strict):
         "auto", description="Training kernels (orchestrator/backends.py): hf (transformers + peft), liger (Liger "
         "Kernel's Triton modules), unsloth (Unsloth's model); auto: unsloth on GPU workers where it is installed "
         "and fits the run (causal LM, DDP), else hf.")
+    profile_steps: tuple[int, int] | None = Field(
+        None, description="Profile optimizer steps FIRST..LAST (1-based) of rank 0 with torch.profiler: "
+        "RUN_DIR/profile/ gets a Chrome trace, an op table and summary.json (device busy fraction, longest idle "
+        "gaps and the host op running when each began).")
     max_failures: int = Field(2, ge=0)
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _profile(cls, steps: tuple[int, int] | None) -> tuple[int, int] | None:
+        if steps and not 1 <= steps[0] <= steps[1]:
+            raise ValueError(f"profile_steps {list(steps)}: need 1 <= FIRST <= LAST")
+        return steps
 
 
 class ScalingConfig(_Strict):

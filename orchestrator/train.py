@@ -201,6 +201,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from orchestrator.backends import make_backend, resolve
     from orchestrator.data import load_tokenizer, micro_batches
     from orchestrator.model import param_counts
+    from orchestrator.profile import StepProfiler
     from orchestrator.strategy import make_strategy
     from orchestrator.tasks import EvalAccumulator, count_real_tokens, make_task
 
@@ -329,6 +330,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
     train_shard = my_shard("train")
+    profiler = StepProfiler(t.profile_steps, run_dir / "profile", rank == 0)
     t_window, tok_window, wait_window = time.perf_counter(), 0, 0.0
     pending: dict[str, Any] | None = None  # the previous step, recorded once this step's work is queued
     while step < plan.total_steps:
@@ -337,6 +339,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         for _ in range(micro_done):  # data position on resume: skip what was consumed
             next(batches)
         while micro_done < plan.micro_per_epoch and step < plan.total_steps:
+            profiler.step_begins(step + 1)
             n_micro = plan.micro_in_step(micro_done // t.grad_accum, t.grad_accum)
             # The step's figures stay on the device; the host reads them once, after the next step's forward
             # and backward are queued, so the device never waits for the host's bookkeeping between steps
@@ -359,6 +362,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             grad_norm = strategy.step()  # clip, optimizer step, zero grads
             scheduler.step()
             step += 1
+            profiler.step_ends(step)
             maybe_fail(loop.get("fault"), step, rank, run_dir)
             step_loss = loss_sum
             if world > 1:  # mean over ranks: one small all_reduce, not a pickled gather
