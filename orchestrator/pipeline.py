@@ -263,7 +263,7 @@ def _print_train(o: RunOutcome) -> None:
     m = o.metrics
     ev = ", ".join(f"{k} {v:.4g}" for k, v in m.get("final_eval", {}).items())
     took = f" in {o.train_s:.0f} s" if o.train_s else ""
-    print(f"  {o.cfg.name}: {m['steps']} steps{took}, loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}; {ev}")
+    print(f"  {o.cfg.name}: {m['steps']} steps{took}, loss {m['first_loss']:.3g} -> {m['final_loss']:.3g}; {ev}")
 
 
 def _print_answers(o: RunOutcome) -> None:
@@ -290,7 +290,7 @@ def summary_table(outcomes: list[RunOutcome]) -> list[list[str]]:
             f = o.merge["fidelity"][o.merge["method"]]
             fid = f"{f['mean_kl']:.1e} / {f['top1_agreement']:.3f}"
         rows.append([o.cfg.name, o.cfg.model.task, str(m.get("steps", "-")),
-                     f"{m['first_loss']:.3f} -> {m['final_loss']:.3f}" if m else "-", ev,
+                     f"{m['first_loss']:.3g} -> {m['final_loss']:.3g}" if m else "-", ev,
                      f"{o.train_s:.0f} s" if o.train_s else ("earlier" if m else "-"), best, fid])
     return rows
 
