@@ -6,7 +6,6 @@ missing base models per verb, adapter directories. The HTTP cases are in test_se
 from __future__ import annotations
 
 import gzip
-import json
 
 import pytest
 
@@ -217,20 +216,3 @@ def test_bad_adapter_directories_are_one_line(tmp_path, capsys, verb, make, mess
     assert message in _cli(capsys, verb, str(ROOT / "configs" / "constitution-qa-tiny.yaml"), "--adapter",
                            str(make(tmp_path)), "--set", f"output_dir={tmp_path / 'runs'}")
 
-
-def test_serve_given_an_adapter_merges_it_onto_the_base_it_records(ray_local, tmp_path, capsys, random_adapter,
-                                                                   tiny_model_dir):
-    """`orchestrator serve CONFIG --model ADAPTER`: the adapter is merged first, onto the base its
-    adapter_config.json records (not the config's), and the merged model is what gets served."""
-    from orchestrator.deploy import served_model
-
-    adapter = _adapter_on(random_adapter, tmp_path / "run" / "adapter", str(tiny_model_dir))
-    sets = [f"model.name_or_path={tmp_path / 'other'}", "data.qa.max_articles=12", f"output_dir={tmp_path}"]
-    served = served_model(ROOT / "configs/constitution-qa-tiny.yaml", str(adapter), sets)
-    out = capsys.readouterr().out
-    assert served == str(tmp_path / "run" / "merged") and (tmp_path / "run/merged/config.json").is_file()
-    assert "an adapter; merging it into its base first" in out and f"trained on {tiny_model_dir}; using that base" in out
-    merged = json.loads((tmp_path / "run/merged/merge.json").read_text())
-    assert merged["base"] == str(tiny_model_dir)
-    assert served_model(ROOT / "configs/constitution-qa-tiny.yaml", str(tmp_path / "run/merged"), sets) == str(
-        tmp_path / "run/merged")  # a merged model is served as it is

@@ -19,7 +19,7 @@ FLOOR = {"f16": 0.9, "q8_0": 0.9, "q4_k_m": 0.5}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, ray_local):  # held-out prompts come through the Ray Data pipeline
     """A run dir with a LoRA adapter on the shipped constitution base: B small and non-zero (as after a short
     training), so the merge changes every projection."""
     import torch
