@@ -77,13 +77,11 @@ def variant_overrides(name: str) -> dict:
     (default 4), gradient checkpointing on."""
     if name in VARIANTS:
         return VARIANTS[name]
-    m = re.fullmatch(r"project-(auto|hf|liger|unsloth)(?:-mb(\d+))?(-prof)?(-si)?", name)
+    m = re.fullmatch(r"project-(auto|hf|liger|unsloth)(?:-mb(\d+))?(-prof)?", name)
     if not m:
-        raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, project-<backend>[-mbN][-prof][-si], "
+        raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, project-<backend>[-mbN][-prof], "
                          f"or a peer {PEERS}")
     prof = {"train.profile_steps": [6, 8]} if m[3] else {}  # torch.profiler over steps 6-8 of rank 0
-    if m[4]:  # a 0.1 ms thread switch interval in the worker (Python's default: 5 ms)
-        prof["train.switch_interval_ms"] = 0.1
     return {"train.backend": m[1], "train.micro_batch_size": int(m[2] or 4), "train.gradient_checkpointing": True,
             **prof}
 

@@ -175,10 +175,6 @@ class TrainConfig(_Strict):
         "auto", description="Training kernels (orchestrator/backends.py): hf (transformers + peft), liger (Liger "
         "Kernel's Triton modules), unsloth (Unsloth's model); auto: unsloth on GPU workers where it is installed "
         "and fits the run (causal LM, DDP), else hf.")
-    switch_interval_ms: float | None = Field(
-        None, gt=0, description="Python's thread switch interval in each training worker (sys.setswitchinterval; "
-        "Python's default 5 ms). Lower lets the thread that launches GPU work take the GIL back sooner from the "
-        "worker's other Python threads (Ray Data prefetching, Ray Train reporting).")
     profile_steps: tuple[int, int] | None = Field(
         None, description="Profile optimizer steps FIRST..LAST (1-based) of rank 0 with torch.profiler: "
         "RUN_DIR/profile/ gets a Chrome trace, an op table and summary.json (device busy fraction, longest idle "

@@ -22,7 +22,6 @@ import random
 import re
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -207,8 +206,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from orchestrator.tasks import EvalAccumulator, count_real_tokens, make_task
 
     cfg = RunConfig.model_validate(loop["run"])
-    if cfg.train.switch_interval_ms:
-        sys.setswitchinterval(cfg.train.switch_interval_ms / 1000)
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -84,8 +84,15 @@ def test_demo_pipeline_job_succeeds_on_a_local_head(ray_head, tiny_model_dir, tm
         "ask.max_tokens": 8,
     }
     args = " ".join(shlex.quote(f"--set={k}={v}") for k, v in sets.items())
-    job = ray_head.submit_job(entrypoint=f"{sys.executable} jobs/pipeline.py configs/demo.yaml {args}",
-                              runtime_env={"working_dir": str(ROOT)})
+    for attempt in range(12):  # a head whose job agent is not up yet answers "try again later", as Ray asks
+        try:
+            job = ray_head.submit_job(entrypoint=f"{sys.executable} jobs/pipeline.py configs/demo.yaml {args}",
+                                      runtime_env={"working_dir": str(ROOT)})
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or attempt == 11:
+                raise
+            time.sleep(5)
     deadline = time.time() + 840
     while (status := ray_head.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.time() < deadline, "job did not finish in time:\n" + ray_head.get_job_logs(job)[-4000:]
