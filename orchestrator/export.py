@@ -315,9 +315,10 @@ def prompts_for(cfg: RunConfig, tokenizer, rows: list[dict], limit: int) -> list
 # ---------------------------------------------------------------- entry
 
 def export_gguf(cfg: RunConfig, adapter: str | Path, quant: Quant = "q8_0", out: str | Path | None = None,
-                check: int = 8, new_tokens: int = 24) -> dict[str, Any]:
+                check: int = 8, new_tokens: int = 24, rows: list[dict] | None = None) -> dict[str, Any]:
     """Merge ``adapter``, write ``RUN_DIR/gguf/NAME-QUANT.gguf`` (or ``out``), check it with llama.cpp on
-    ``check`` held-out prompts (0: no check) and record export.json and the card line."""
+    ``check`` held-out prompts (``rows``, default the config's test split; 0: no check) and record
+    NAME-QUANT.json and the card line."""
     import torch
 
     from orchestrator.data import load_tokenizer
@@ -338,7 +339,7 @@ def export_gguf(cfg: RunConfig, adapter: str | Path, quant: Quant = "q8_0", out:
                               "seconds": round(time.perf_counter() - t0, 1)}
     if check:
         if _has("xllamacpp"):
-            prompts = prompts_for(cfg, tokenizer, heldout_rows(cfg), check)
+            prompts = prompts_for(cfg, tokenizer, rows if rows is not None else heldout_rows(cfg), check)
             ref, got = hf_greedy(model, prompts, new_tokens), llama_cpp_greedy(path, prompts, new_tokens)
             result["llama_cpp"] = {"prompts": len(prompts), "new_tokens": new_tokens,
                                    "greedy_agreement": agreement(ref, got)}

@@ -26,6 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_ports() -> list[str]:
+    """`ray start` flags giving a node's agents free ports: a Ray instance already running on this machine
+    (the test session's own) holds the default ones, and a node whose agents cannot bind runs no job agent
+    and starts no workers that need a runtime env."""
+    return [f"--{opt}={free_port()}" for opt in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                  "runtime-env-agent-port", "metrics-export-port")]
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A second Ray instance, as `ray start --head --block` (stopped by signal, never `ray stop`, which
@@ -40,7 +48,8 @@ def ray_head(tmp_path):
     log = open(tmp_path / "ray-head.log", "w")
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
+         *agent_ports()],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     from ray.job_submission import JobSubmissionClient
 

@@ -9,8 +9,7 @@ import pytest
 from orchestrator.config import validate_config
 from orchestrator.merge import merge_adapter
 
-from .conftest import FIXTURES, PDF, ROOT
-from .test_bad_inputs import _adapter_on as adapter_on
+from .conftest import FIXTURES, PDF
 
 
 def _cfg(model_dir, out):
@@ -57,20 +56,3 @@ def test_merge_rejects_a_directory_without_adapter(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         merge_adapter(_cfg(tiny_model_dir, tmp_path), FIXTURES, tmp_path / "m", ROWS)
 
-
-def test_serve_given_an_adapter_merges_it_onto_the_base_it_records(ray_local, tmp_path, capsys, random_adapter,
-                                                                   tiny_model_dir):
-    """`orchestrator serve CONFIG --model ADAPTER`: the adapter is merged first, onto the base its
-    adapter_config.json records (not the config's), and the merged model is what gets served."""
-    from orchestrator.deploy import served_model
-
-    adapter = adapter_on(random_adapter, tmp_path / "run" / "adapter", str(tiny_model_dir))
-    sets = [f"model.name_or_path={tmp_path / 'other'}", "data.qa.max_articles=12", f"output_dir={tmp_path}"]
-    served = served_model(ROOT / "configs/constitution-qa-tiny.yaml", str(adapter), sets)
-    out = capsys.readouterr().out
-    assert served == str(tmp_path / "run" / "merged") and (tmp_path / "run/merged/config.json").is_file()
-    assert "an adapter; merging it into its base first" in out and f"trained on {tiny_model_dir}; using that base" in out
-    merged = json.loads((tmp_path / "run/merged/merge.json").read_text())
-    assert merged["base"] == str(tiny_model_dir)
-    assert served_model(ROOT / "configs/constitution-qa-tiny.yaml", str(tmp_path / "run/merged"), sets) == str(
-        tmp_path / "run/merged")  # a merged model is served as it is

@@ -19,7 +19,7 @@ from orchestrator.config import ConfigError, validate_config
 from orchestrator.train import PLACEMENT_GROUP_FILE, run_training
 
 from .conftest import PDF, forget_ray_address, start_local_ray
-from .test_jobs import free_port
+from .test_jobs import agent_ports, free_port
 
 
 class LocalCluster:
@@ -40,7 +40,8 @@ class LocalCluster:
         k = len(self.nodes)  # node k carries a custom resource "node-k": how the test tells nodes apart
         log = open(self.log_dir / f"node-{k}.log", "w")
         proc = subprocess.Popen([self.ray, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                                 f'--resources={{"node-{k}": 1}}', "--disable-usage-stats", *args], stdout=log, stderr=subprocess.STDOUT,
+                                 f'--resources={{"node-{k}": 1}}', "--disable-usage-stats", *agent_ports(), *args],
+                                stdout=log, stderr=subprocess.STDOUT,
                                 env=self.env, start_new_session=True)
         self.nodes.append(proc)
         return proc

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT, forget_ray_address
-from .test_jobs import free_port
+from .test_jobs import agent_ports, free_port
 
 # (every substring must be in the command, why it cannot run here)
 SKIP = [
@@ -96,8 +96,7 @@ def test_readme_commands_run_as_written(tmp_path):
             (work / rel).write_bytes((ROOT / rel).read_bytes())
     gcs, dash = free_port(), free_port()
     # every port of the head free (this session's own Ray already holds the default agent ports)
-    ports = " ".join(f"--{opt}={free_port()}" for opt in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                           "runtime-env-agent-port", "metrics-export-port"))
+    ports = " ".join(agent_ports())
     substitute = [("ray start --head", f"ray start --head --port={gcs} --dashboard-port={dash} {ports}"),
                   ("127.0.0.1:8265", f"127.0.0.1:{dash}"), ("/tmp/jobruns", str(tmp_path / "jobruns"))]
     bindir = str(Path(sys.executable).parent)

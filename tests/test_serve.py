@@ -4,12 +4,14 @@ BC5CDR model, 4xx on bad requests, 401 without the token, 503 under a burst, aut
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
 import pytest
 
-from .conftest import FIXTURES, SERVE_TOKEN_ENV
+from .conftest import FIXTURES, ROOT, SERVE_TOKEN_ENV
+from .test_bad_inputs import _adapter_on as adapter_on
 
 PORT = 8765
 URL = f"http://127.0.0.1:{PORT}"
@@ -428,3 +430,21 @@ def test_evicted_adapters_are_unloaded_and_answer_again_when_asked(ray_local, ti
         assert stats["lora_parameters"] == keep * per_adapter
     finally:
         serve.delete("many")
+
+
+def test_serve_given_an_adapter_merges_it_onto_the_base_it_records(ray_local, tmp_path, capsys, random_adapter,
+                                                                   tiny_model_dir):
+    """`orchestrator serve CONFIG --model ADAPTER`: the adapter is merged first, onto the base its
+    adapter_config.json records (not the config's), and the merged model is what gets served."""
+    from orchestrator.deploy import served_model
+
+    adapter = adapter_on(random_adapter, tmp_path / "run" / "adapter", str(tiny_model_dir))
+    sets = [f"model.name_or_path={tmp_path / 'other'}", "data.qa.max_articles=12", f"output_dir={tmp_path}"]
+    served = served_model(ROOT / "configs/constitution-qa-tiny.yaml", str(adapter), sets)
+    out = capsys.readouterr().out
+    assert served == str(tmp_path / "run" / "merged") and (tmp_path / "run/merged/config.json").is_file()
+    assert "an adapter; merging it into its base first" in out and f"trained on {tiny_model_dir}; using that base" in out
+    merged = json.loads((tmp_path / "run/merged/merge.json").read_text())
+    assert merged["base"] == str(tiny_model_dir)
+    assert served_model(ROOT / "configs/constitution-qa-tiny.yaml", str(tmp_path / "run/merged"), sets) == str(
+        tmp_path / "run/merged")  # a merged model is served as it is
