@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="512x4,512x8")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--profile-dir", help="profile steps 6-8 of the first shape (orchestrator/profile.py's summary)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
@@ -86,14 +88,23 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         x = torch.randint(3, min(vocab, 8000), (bs, seq), device="cuda")
         times = []
+        profiler = None
+        if args.profile_dir and not res["runs"]:
+            from orchestrator.profile import StepProfiler
+
+            profiler = StepProfiler((6, 8), Path(args.profile_dir), True)
         try:
             for i in range(3 + args.steps):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
+                if profiler:
+                    profiler.step_begins(i + 1)
                 loss = model(input_ids=x, labels=x).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if profiler:
+                    profiler.step_ends(i + 1)
                 torch.cuda.synchronize()
                 if i >= 3:
                     times.append(time.perf_counter() - t)
@@ -102,6 +113,8 @@ def main() -> None:
                  "peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20),
                  "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20),
                  "steps_measured": len(times), "loss": round(loss.item(), 4)}
+            if profiler and (Path(args.profile_dir) / "summary.json").is_file():
+                r["profile"] = json.loads((Path(args.profile_dir) / "summary.json").read_text())
         except torch.OutOfMemoryError:
             opt.zero_grad(set_to_none=True)
             r = {"oom": True}

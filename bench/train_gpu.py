@@ -87,10 +87,13 @@ def variant_overrides(name: str) -> dict:
 
 
 def run_peer(variant: str, model: str, shapes: str, steps: int) -> dict:
-    """One peer in its own process (Unsloth patches transformers process-wide)."""
+    """One peer in its own process (Unsloth patches transformers process-wide); ``PEER-prof`` also profiles
+    steps 6-8 of its first shape."""
+    peer, _, prof = variant.partition("-")
+    extra = ["--profile-dir", tempfile.mkdtemp(prefix="peer-profile-")] if prof == "prof" else []
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        proc = subprocess.run([sys.executable, str(ROOT / "bench/peer_qlora.py"), "--variant", variant, "--model",
-                               model, "--shapes", shapes, "--steps", str(steps), "--out", f.name],
+        proc = subprocess.run([sys.executable, str(ROOT / "bench/peer_qlora.py"), "--variant", peer, "--model",
+                               model, "--shapes", shapes, "--steps", str(steps), "--out", f.name, *extra],
                               capture_output=True, text=True)
         if proc.returncode:
             return {"error": proc.stderr[-2000:]}
@@ -292,7 +295,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if v in ("baseline", "baseline-amp"):
             r = run_baseline(args.model, rows, MAXLEN[args.mix], args.steps, amp=v == "baseline-amp")
-        elif v in PEERS:  # keyed by peer name at the first shape, by peer-SHAPE for every shape
+        elif v.removesuffix("-prof") in PEERS:  # keyed by peer name at the first shape, by peer-SHAPE for each
             shapes = args.peer_shapes or f"{MAXLEN[args.mix]}x4,{MAXLEN[args.mix]}x8"
             peer = run_peer(v, args.model, shapes, args.steps - 2)
             for shape, pr in peer.get("runs", {}).items():
