@@ -30,9 +30,8 @@ def main() -> None:
 
     from orchestrator.config import load_config
     from orchestrator.data import _split, qa_pairs
-    from orchestrator.documents import segment
     from orchestrator.evaluate import exact_match, generate_answers, rouge_l, token_f1
-    from orchestrator.tiny import base_corpus, corpus_text, ensure_base_model
+    from orchestrator.tiny import base_corpus, document_articles, ensure_base_model
 
     cfg = load_config(args.config, [f"model.name_or_path={args.out}", f"model.tiny_pretrain_steps={args.steps}"])
     t0 = time.perf_counter()
@@ -42,9 +41,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.out).to(device).eval()
     tok = AutoTokenizer.from_pretrained(args.out)
     _, train, _ = base_corpus(cfg)
-    pages = corpus_text(cfg.data.train)
-    arts = sorted((a.to_row() for a in segment([(i, t.split("\n")) for i, t in enumerate(pages)])),
-                  key=lambda r: r["number"])
+    arts = [row for pdf in cfg.data.train for row in document_articles(pdf)[1]]
     val = _split(cfg, qa_pairs(cfg, arts))["validation"]
     result = {"steps": args.steps, "build": build, "build_seconds": round(time.perf_counter() - t0, 1)}
     for name, rows in (("train", train[: args.limit]), ("validation", val[: args.limit])):

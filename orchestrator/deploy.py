@@ -1,8 +1,9 @@
 """`orchestrator serve CONFIG [CONFIG ...]`: deploy merged models on Ray Serve (the app is serve/app.py).
 
 Each run config contributes one model: its merged model (``RUN_DIR/merged`` unless ``--model`` names
-another directory; an adapter directory there is merged first onto the base it records) with the config's ``serve`` section (replicas, autoscaling, batching, limits). The same
-arguments are written as a Serve config file (``serve_config.yaml``) usable with ``serve deploy``.
+another directory; an adapter directory there is merged first onto the base it records) with the config's
+``serve`` section (replicas, autoscaling, batching, limits). The same arguments are written as a Serve
+config file (``serve_config.yaml``) usable with ``serve deploy``.
 """
 
 from __future__ import annotations

@@ -381,7 +381,6 @@ def run_export(config: str | Path, adapter: str | Path, overrides: list[str] | N
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (expected a PEFT adapter directory)")
     cfg = follow_adapter_base(load_config(config, overrides), adapter)
     ensure_model(cfg)
-    preflight(cfg, Path(adapter).resolve(), quant)  # before any model is loaded
     r = export_gguf(cfg, adapter, quant, out, check)
     agree = r.get("llama_cpp", {}).get("greedy_agreement")
     print(f"gguf: {r['path']} ({r['quant']}, {r['bytes'] / 2**20:.1f} MiB)"

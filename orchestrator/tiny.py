@@ -173,6 +173,16 @@ def pretrain(model, tokenizer, docs: list[str], steps: int, seq_len: int = 256, 
     return losses
 
 
+def document_articles(pdf: str | Path) -> tuple[list[str], list[dict]]:
+    """One PDF's cleaned pages and its article rows in article order, in this process (what
+    :func:`orchestrator.data.read_articles` gives with Ray Data)."""
+    from orchestrator.documents import segment
+
+    pages = corpus_text([pdf])
+    rows = segment([(i, t.split("\n")) for i, t in enumerate(pages)])
+    return pages, sorted((a.to_row() for a in rows), key=lambda r: r["number"])
+
+
 def base_corpus(cfg) -> tuple[list[str], list[dict], dict]:
     """What the embedded base learns from: the cleaned pages of the config's PDFs and, with
     ``model.tiny_pretrain_qa``, the QA pairs of the fine-tune's training split (the same seeded split;
@@ -187,14 +197,11 @@ def base_corpus(cfg) -> tuple[list[str], list[dict], dict]:
     if cfg.data.format != "pdf":
         raise ValueError(f"model.build_tiny builds a causal LM; data.format={cfg.data.format} is not text")
     from orchestrator.data import _cap, _split, qa_pairs
-    from orchestrator.documents import segment
 
     texts, articles, docs = [], [], []
     for p in cfg.data.train:
-        pages = corpus_text([p])
+        pages, rows = document_articles(p)
         texts += pages
-        rows = sorted((a.to_row() for a in segment([(i, t.split("\n")) for i, t in enumerate(pages)])),
-                      key=lambda r: r["number"])
         articles += rows
         docs.append({"path": Path(p).name, "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest(),
                      "pages": len(pages), "articles": len(rows)})
