@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 
 def unsupported(cfg: RunConfig, backend: str) -> str | None:
     """Why ``backend`` cannot run this config (checked before Ray starts), or None."""
+    if cfg.train.cuda_graph:
+        if backend not in ("unsloth", "auto"):
+            return f"train.cuda_graph replays Unsloth's model: it needs train.backend unsloth or auto, not {backend}"
+        if not (cfg.scaling.use_gpu and cfg.data.packing and cfg.model.task == "causal_lm"):
+            return "train.cuda_graph needs GPU workers (scaling.use_gpu), packed rows (data.packing) and a causal LM"
+        if cfg.lora.dropout:
+            return "train.cuda_graph needs lora.dropout 0 (a replayed recomputation cannot redraw the dropout mask)"
+        if cfg.train.strategy != "ddp":
+            return f"train.cuda_graph runs under DDP only, not train.strategy={cfg.train.strategy}"
     if backend in ("hf", "auto"):
         return None
     if not cfg.scaling.use_gpu:
@@ -94,6 +103,8 @@ class Backend:
 
         return training_module(model, cfg.model.task, cfg.train.loss_chunk_tokens)
 
+    graph_forward = None  # a backend whose packed step can be captured as a CUDA graph defines it (step_graph.py)
+
 
 class LigerBackend(Backend):
     """``hf`` with Liger Kernel's Triton modules patched into the architecture's classes before loading."""
@@ -156,19 +167,24 @@ class UnslothBackend(Backend):
         kwargs: dict[str, Any] = {}
         if q.bits == 4:
             kwargs["quantization_config"] = bnb_config(cfg)
+        # Unsloth's offloaded checkpointing stages activations through host buffers it picks per call, which a
+        # CUDA graph cannot replay: a captured step checkpoints with torch's non-reentrant checkpoint instead
+        offload = t.gradient_checkpointing and not t.cuda_graph
         model, _ = FastLanguageModel.from_pretrained(
             model_name=check_model_source(cfg.model.name_or_path),
             max_seq_length=cfg.data.max_seq_length * (t.micro_batch_size if cfg.data.packing else 1),
             dtype=DTYPES[q.compute_dtype], load_in_4bit=q.bits == 4, device_map={"": device},
             trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-            use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False,
-            random_state=t.seed, **kwargs)
+            use_gradient_checkpointing="unsloth" if offload else False, random_state=t.seed, **kwargs)
         lc = cfg.lora
         model = FastLanguageModel.get_peft_model(
             model, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
             target_modules=linear_names(model) if lc.target_modules == "all-linear" else lc.target_modules,
             modules_to_save=lc.modules_to_save or None,
-            use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False, random_state=t.seed)
+            use_gradient_checkpointing="unsloth" if offload else False, random_state=t.seed)
+        if t.cuda_graph and t.gradient_checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
         model.config.use_cache = False
         model.train()
         return model
@@ -188,6 +204,19 @@ class UnslothBackend(Backend):
 
     def training_module(self, model, cfg):
         return model  # Unsloth computes its chunked cross-entropy itself
+
+    def graph_forward(self, module, inputs, lengths, cu_seqlens, max_len):
+        """A flattened packed row's loss with its example boundaries as device tables (CUDA-graph safe): Unsloth's
+        per-device caches of packed metadata are seeded with them, so no layer reads lengths on the host; the
+        longest example is taken to be ``max_len`` and zero-length examples are no-ops for flash attention."""
+        from unsloth.utils import packing
+
+        dev = lengths.device
+        packing._PACKED_INFO_CACHE[dev] = {"seq_lengths": lengths, "result": (lengths, cu_seqlens, max_len),
+                                           "inference": False}
+        packing._PADDED_CU_SEQLENS_CACHE[dev] = {"cu_seqlens": cu_seqlens, "total": inputs["input_ids"].numel(),
+                                                 "result": (cu_seqlens, max_len), "inference": False}
+        return module(**inputs, packed_seq_lengths=lengths).loss
 
 
 def flash_varlen_for_packed_rows() -> bool:

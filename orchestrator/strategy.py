@@ -38,7 +38,9 @@ class DDPStrategy:
 
         self.cfg, self.core, self.optimizer, self.world = cfg, model, optimizer, world
         self.model = forward_module or model
-        if world > 1:
+        # A CUDA-graphed step (train.cuda_graph) runs the bare model; its gradients are all-reduced in step()
+        self.reduce_in_step = world > 1 and cfg.train.cuda_graph
+        if world > 1 and not self.reduce_in_step:
             self.model = ray.train.torch.prepare_model(self.model, move_to_device=False,
                                                        parallel_strategy_kwargs={"find_unused_parameters": False})
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -47,7 +49,7 @@ class DDPStrategy:
 
     def accumulating(self, last: bool):
         """No DDP gradient all-reduce on accumulation micro-batches, only on the step's last one."""
-        return contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+        return contextlib.nullcontext() if last or self.world == 1 or self.reduce_in_step else self.model.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -55,6 +57,8 @@ class DDPStrategy:
     def step(self) -> torch.Tensor | float:
         """Clip, step, zero grads; returns the gradient norm (a device tensor where the backend leaves one, so
         the loop reads it with the step's other figures in one sync)."""
+        if self.reduce_in_step:
+            all_reduce_mean([p.grad for p in self.params if p.grad is not None], self.world)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm or float("inf"))
@@ -74,6 +78,17 @@ class DDPStrategy:
 
     def full_weights(self):
         return contextlib.nullcontext()
+
+
+def all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
+    """Average gradients over the workers in one collective (one flat buffer), in place."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
 
 
 class DeepSpeedStrategy(DDPStrategy):

@@ -240,6 +240,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     strategy = make_strategy(cfg, model, optimizer, world, device,
                              forward_module=backend.training_module(model, cfg))
     core = strategy.core
+    graphed = None
+    if t.cuda_graph:
+        if backend.graph_forward is None:
+            raise ConfigError(f"train.cuda_graph replays Unsloth's model, but this worker runs the {backend.name} "
+                              "backend (train.backend=auto found no Unsloth here: pip install '.[unsloth]')")
+        from orchestrator.step_graph import GraphedStep
+
+        graphed = GraphedStep(core, backend.graph_forward, device, t.micro_batch_size, cfg.data.max_seq_length)
     task = make_task(cfg.model.task, tokenizer.pad_token_id, cfg.data.packing, labels)
     group_by_length = cfg.data.group_by_length and not (cfg.model.task == "causal_lm" and cfg.data.packing)
     if state:
@@ -347,12 +355,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             tokens = torch.zeros((), dtype=torch.int64, device=device)
             for k in range(n_micro):
                 t_wait = time.perf_counter()
-                batch = backend.to_device(next(batches), device)  # time blocked here: the device waits for data
+                batch = next(batches)  # time blocked here: the device waits for data
                 wait_window += time.perf_counter() - t_wait
-                with strategy.accumulating(last=k == n_micro - 1), autocast(cfg, device, backend.autocast):
-                    out = backend.forward(strategy.model, task.forward_inputs(batch))
-                    loss = out.loss / n_micro
-                strategy.backward(loss)
+                if graphed and graphed.accepts(batch):  # forward and backward in one replayed CUDA graph
+                    loss = graphed.run(batch, scale=1 / n_micro) / n_micro
+                else:
+                    batch = backend.to_device(batch, device)
+                    with strategy.accumulating(last=k == n_micro - 1), autocast(cfg, device, backend.autocast):
+                        out = backend.forward(strategy.model, task.forward_inputs(batch))
+                        loss = out.loss / n_micro
+                    strategy.backward(loss)
                 loss_sum += loss.detach().double()
                 tokens += count_real_tokens(batch).to(device)
             if pending:

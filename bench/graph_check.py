@@ -1,0 +1,171 @@
+"""Does the CUDA-graphed training step (``train.cuda_graph``) compute what the eager step computes, and how fast?
+
+    python bench/graph_check.py --model /tmp/llama7b [--steps 20] [--json bench/results/graph_check_<tag>.json]
+
+Loads the model through ``orchestrator.backends`` as a Ray Train worker does with ``train.cuda_graph`` on
+(Unsloth backend, 4-bit NF4 + double quant, LoRA r=16 on every linear layer, torch's checkpointing), gives the
+LoRA weights seeded non-zero values, and builds packed micro-batches the way the data pipeline does
+(``orchestrator.tokenization.pack``: first-fit-decreasing rows of ``--max-len`` slots, position ids restarting
+per example, prompt tokens unlabelled) from examples of 40-300 tokens; one batch of 24-token examples lands in
+a larger example-count bucket (a second capture).
+
+1. Same batch, eager vs replayed: the loss and every LoRA gradient (relative error and cosine similarity),
+   for the first capture, a replay, a replay after an eager step of another batch, the second bucket, and two
+   micro-batches accumulated with scale 1/2.
+2. Throughput: ``--steps`` optimizer steps (forward, backward, clip, paged AdamW step) eager and then
+   replayed, on the same batches; real tokens/s, step time, peak allocated memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def packed_batches(vocab: int, n: int, rows: int, max_len: int, seed: int, lengths=(40, 300)):
+    """``n`` host micro-batches of ``rows`` packed rows, as the training loop receives them."""
+    import numpy as np
+
+    from orchestrator.data import make_collate
+    from orchestrator.tokenization import IGNORE, pack
+
+    rng = random.Random(seed)
+    collate = make_collate(0, True)
+    out, pending = [], []
+    while len(out) < n:
+        while len(pending) < rows:
+            examples = []
+            for _ in range(rows * max_len // (sum(lengths) // 2) + 8):
+                m = rng.randint(*lengths)
+                ids = [rng.randrange(3, min(vocab, 8000)) for _ in range(m)]
+                prompt = m // 3
+                examples.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+            pending += [r for r in pack(examples, max_len, 0) if r["num_tokens"] > max_len * 0.9]
+        group, pending = pending[:rows], pending[rows:]
+        out.append(collate({k: np.stack([r[k] for r in group]) if k != "num_tokens" else
+                            np.array([r[k] for r in group]) for k in ("input_ids", "labels", "position_ids",
+                                                                       "num_tokens")}))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import torch
+
+    from bench.train_gpu import base_config
+    from orchestrator.backends import make_backend
+    from orchestrator.config import set_fields
+    from orchestrator.step_graph import GraphedStep
+    from orchestrator.train import make_optimizer
+
+    cfg = set_fields(base_config(args.model, "qa", "unused.jsonl", 15, "/tmp/unused"),
+                     {"train.backend": "unsloth", "train.cuda_graph": True, "lora.dropout": 0.0,
+                      "data.max_seq_length": args.max_len, "train.micro_batch_size": args.rows})
+    backend = make_backend("unsloth")
+    device = torch.device("cuda:0")
+    t0 = time.perf_counter()
+    model = backend.load(cfg, device, None)
+    load_s = time.perf_counter() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    data = packed_batches(vocab, 16, args.rows, args.max_len, seed=1)
+    short = packed_batches(vocab, 1, args.rows, args.max_len, seed=2, lengths=(16, 32))[0]
+    graphed = GraphedStep(model, backend.graph_forward, device, args.rows, args.max_len)
+
+    def eager(batch, scale=1.0):
+        inputs = backend.to_device(batch, device)
+        loss = backend.forward(model, {k: v for k, v in inputs.items() if k != "num_tokens"}).loss
+        (loss * scale).backward()
+        return loss.detach()
+
+    def take_grads():
+        out = [p.grad.detach().float().clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    def compare(name, e_loss, e, g_loss, gr):
+        rel = [((a - b).norm() / a.norm().clamp_min(1e-12)).item() for a, b in zip(e, gr, strict=True)]
+        cos = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+               for a, b in zip(e, gr, strict=True)]
+        row = {"check": name, "loss_eager": e_loss.item(), "loss_graph": g_loss.item(),
+               "loss_abs_diff": abs(e_loss.item() - g_loss.item()), "grad_rel_err_max": max(rel),
+               "grad_rel_err_median": sorted(rel)[len(rel) // 2], "grad_cos_min": min(cos)}
+        print(json.dumps(row), flush=True)
+        return row
+
+    checks = []
+    for name, batch in [("first capture", data[0]), ("replay", data[1])]:
+        e_loss = eager(batch)
+        e = take_grads()
+        g_loss = graphed.run(batch)
+        checks.append(compare(name, e_loss, e, g_loss, take_grads()))
+    eager(data[2])
+    take_grads()
+    e_loss = eager(data[3])
+    e = take_grads()
+    checks.append(compare("replay after an eager step", e_loss, e, graphed.run(data[3]), take_grads()))
+    e_loss = eager(short)
+    e = take_grads()
+    checks.append(compare(f"second bucket ({int((short['position_ids'] == 0).sum())} segments)", e_loss, e,
+                          graphed.run(short), take_grads()))
+    e_loss = (eager(data[4], 0.5) + eager(data[5], 0.5)) / 2
+    e = take_grads()
+    g_loss = (graphed.run(data[4], 0.5) + graphed.run(data[5], 0.5)) / 2
+    checks.append(compare("two micro-batches accumulated", e_loss, e, g_loss, take_grads()))
+
+    optimizer = make_optimizer(cfg, params)
+    tokens = [int(b["num_tokens"].sum()) for b in data]
+
+    def timed(run_one) -> dict:
+        for i in range(3):
+            run_one(data[i])
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        n_tok = 0
+        for i in range(args.steps):
+            run_one(data[i % len(data)])
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n_tok += tokens[i % len(data)]
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        return {"tokens_per_s": round(n_tok / dt, 1), "step_s": round(dt / args.steps, 4),
+                "peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+
+    results = {"eager": timed(eager), "graph": timed(graphed.run)}
+    results["graph_vs_eager"] = round(results["graph"]["tokens_per_s"] / results["eager"]["tokens_per_s"], 3)
+    print(json.dumps(results), flush=True)
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
+           "model": args.model, "rows": args.rows, "max_len": args.max_len, "steps": args.steps,
+           "load_s": round(load_s, 1), "graphs": sorted(graphed.graphs), "checks": checks, "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""A packed micro-batch's forward and backward captured once as a CUDA graph and replayed (``train.cuda_graph``).
+
+On a GPU the QLoRA step is bound by the host: every layer's forward, recomputation and backward launch
+hundreds of small kernels (4-bit dequantize, LoRA matmuls, norms) from Python, and the device waits between
+them. Packed rows always have the same shape (``micro_batch_size x max_seq_length`` slots), so the whole
+forward and backward of one micro-batch is captured once and each later micro-batch only copies its tokens,
+labels, positions and example boundaries into the graph's inputs and replays it: one launch from the host.
+
+What makes the step capturable (the backend supplies the model-specific part, ``graph_forward``):
+
+- example boundaries as fixed-size device tables: the examples' lengths zero-padded to a bucket (a power of
+  two >= the row's example count; one graph per bucket, all in one memory pool); the flash-attention varlen
+  kernel skips empty examples and takes ``max_seq_length`` as the longest;
+- gradient checkpointing through torch's non-reentrant checkpoint without RNG stashing (LoRA dropout must be
+  0; Unsloth's offloaded checkpointing manages host buffers per call and is not used here);
+- gradients: the captured backward writes them into graph memory; after a replay they are the parameters'
+  ``.grad`` (a step of one micro-batch), or are added to them, scaled, when a step accumulates several;
+- no DDP wrapper: the strategy all-reduces the step's gradients once, after the last micro-batch.
+
+Micro-batches of another shape (an epoch's short last one) and evaluation run eagerly as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 6  # segment-count buckets captured before falling back to eager steps
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    lengths: torch.Tensor  # int32 [bucket], zero-padded
+    cu_seqlens: torch.Tensor  # int32 [bucket + 1]
+    loss: torch.Tensor | None = None
+    grads: list[torch.Tensor] = field(default_factory=list)
+
+
+def example_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """Lengths of the examples of a packed (flattened) row, from its restarting position ids (host tensor)."""
+    pos = position_ids.reshape(-1)
+    starts = torch.cat([torch.nonzero(pos == 0).flatten(), torch.tensor([pos.numel()])])
+    return torch.diff(starts)
+
+
+def bucket(n: int) -> int:
+    return max(8, 1 << (n - 1).bit_length())
+
+
+class GraphedStep:
+    """Replays one captured forward + backward per packed micro-batch of ``rows x max_len`` tokens.
+
+    ``forward(module, inputs, lengths, cu_seqlens, max_len)`` is the backend's graph-safe forward returning the
+    loss: no host syncs, no host-read example lengths; ``inputs`` are the static device tensors of a flattened
+    row (input_ids, labels, position_ids, each ``[1, rows * max_len]``).
+    """
+
+    def __init__(self, module: torch.nn.Module, forward: Callable[..., torch.Tensor], device: torch.device,
+                 rows: int, max_len: int, warmup: int = 2):
+        self.module, self.forward, self.device = module, forward, device
+        self.rows, self.max_len, self.warmup = rows, max_len, warmup
+        self.tokens = rows * max_len
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.inputs = {"input_ids": torch.zeros(1, self.tokens, dtype=torch.long, device=device),
+                       "labels": torch.full((1, self.tokens), -100, dtype=torch.long, device=device),
+                       "position_ids": torch.zeros(1, self.tokens, dtype=torch.long, device=device)}
+        self.graphs: dict[int, _Graph] = {}
+        self.pool: Any = None
+        self.replays = 0
+        self.eager_fallbacks = 0
+
+    def accepts(self, batch: dict[str, torch.Tensor]) -> bool:
+        """A host batch of packed rows this step can replay (the right shape, few enough examples)."""
+        if "position_ids" not in batch or "attention_mask" in batch or batch["input_ids"].numel() != self.tokens:
+            return False
+        b = bucket(int((batch["position_ids"] == 0).sum()))
+        return b in self.graphs or len(self.graphs) < MAX_GRAPHS
+
+    def _stage(self, batch: dict[str, torch.Tensor], g: _Graph) -> None:
+        """Copy a host batch into the static inputs (pinned, non-blocking, ordered before the replay)."""
+        for k, v in self.inputs.items():
+            v.copy_(batch[k].reshape(1, -1).pin_memory(), non_blocking=True)
+        lengths = example_lengths(batch["position_ids"]).to(torch.int32)
+        table = torch.zeros(2 * len(g.lengths) + 1, dtype=torch.int32)
+        table[:len(lengths)] = lengths
+        table[len(g.lengths) + 1:len(g.lengths) + 1 + len(lengths)] = torch.cumsum(lengths, 0)
+        table[len(g.lengths) + 1 + len(lengths):] = self.tokens
+        device_table = table.pin_memory().to(self.device, non_blocking=True)
+        g.lengths.copy_(device_table[:len(g.lengths)])
+        g.cu_seqlens.copy_(device_table[len(g.lengths):])
+
+    def _run(self, g: _Graph) -> torch.Tensor:
+        loss = self.forward(self.module, self.inputs, g.lengths, g.cu_seqlens, self.max_len)
+        loss.backward()
+        return loss
+
+    def _capture(self, batch: dict[str, torch.Tensor], size: int) -> _Graph:
+        g = _Graph(torch.cuda.CUDAGraph(), torch.zeros(size, dtype=torch.int32, device=self.device),
+                   torch.zeros(size + 1, dtype=torch.int32, device=self.device))
+        self._stage(batch, g)
+        held = [p.grad for p in self.params]  # a step's gradients so far stay out of the warm-up's
+        for p in self.params:
+            p.grad = None
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # kernels compile, cuBLAS and allocator warm up outside the capture
+            for _ in range(self.warmup):
+                self._run(g)
+                for p in self.params:
+                    p.grad = None
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.cuda.graph(g.graph, pool=self.pool):
+            g.loss = self._run(g).detach()
+        self.pool = g.graph.pool()
+        g.grads = [p.grad for p in self.params]
+        for p, h in zip(self.params, held, strict=True):
+            p.grad = h
+        log.info("captured a training step graph: %d tokens, up to %d examples", self.tokens, size)
+        return g
+
+    def run(self, batch: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of ``batch`` (host tensors); the gradients, times ``scale``, land in (or are added
+        to) the parameters' ``.grad``. Returns the unscaled loss (a device tensor)."""
+        size = bucket(int((batch["position_ids"] == 0).sum()))
+        g = self.graphs.get(size)
+        if g is None:
+            g = self.graphs[size] = self._capture(batch, size)
+        else:
+            self._stage(batch, g)
+        g.graph.replay()
+        self.replays += 1
+        have = [p.grad for p in self.params]
+        if all(h is None for h in have):
+            # scale 1 (a step of one micro-batch): the graph's own memory, read by the optimizer step before the
+            # next replay rewrites it; else a scaled copy that later micro-batches add to
+            grads = g.grads if scale == 1.0 else torch._foreach_mul(g.grads, scale)
+            for p, gr in zip(self.params, grads, strict=True):
+                p.grad = gr
+        elif all(h is not None for h in have):
+            torch._foreach_add_(have, g.grads, alpha=scale)
+        else:
+            for p, gr in zip(self.params, g.grads, strict=True):
+                p.grad = gr * scale if p.grad is None else p.grad.add_(gr, alpha=scale)
+        return g.loss.clone()
