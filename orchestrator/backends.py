@@ -216,7 +216,12 @@ class UnslothBackend(Backend):
                                            "inference": False}
         packing._PADDED_CU_SEQLENS_CACHE[dev] = {"cu_seqlens": cu_seqlens, "total": inputs["input_ids"].numel(),
                                                  "result": (cu_seqlens, max_len), "inference": False}
-        return module(**inputs, packed_seq_lengths=lengths).loss
+        logits = module(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                        packed_seq_lengths=lengths).logits
+        # Unsloth's fused loss keeps only the labelled tokens (a data-dependent shape); over every position
+        # instead, with each example's first label masked as Unsloth masks packed boundaries
+        labels = packing.mask_packed_boundary_labels(inputs["labels"], lengths)
+        return torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100)
 
 
 def flash_varlen_for_packed_rows() -> bool:
