@@ -218,10 +218,15 @@ class UnslothBackend(Backend):
                                                  "result": (cu_seqlens, max_len), "inference": False}
         logits = module(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
                         packed_seq_lengths=lengths).logits
-        # Unsloth's fused loss keeps only the labelled tokens (a data-dependent shape); over every position
-        # instead, with each example's first label masked as Unsloth masks packed boundaries
+        # Unsloth's fused loss keeps only the labelled tokens (a data-dependent shape); its Triton cross-entropy
+        # over every position instead (bf16 logits, gradient written in place), each example's first label
+        # masked as Unsloth masks packed boundaries
+        from unsloth.kernels.cross_entropy_loss import fast_cross_entropy_loss
+
         labels = packing.mask_packed_boundary_labels(inputs["labels"], lengths)
-        return torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100)
+        shifted = torch.full_like(labels, -100)
+        shifted[:, :-1] = labels[:, 1:]
+        return fast_cross_entropy_loss(logits, shifted)
 
 
 def flash_varlen_for_packed_rows() -> bool:
