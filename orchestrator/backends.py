@@ -168,28 +168,39 @@ class UnslothBackend(Backend):
         if q.bits == 4:
             kwargs["quantization_config"] = bnb_config(cfg)
         # Unsloth's offloaded checkpointing stages activations through host buffers it picks per call, which a
-        # CUDA graph cannot replay: a captured step checkpoints with torch's non-reentrant checkpoint instead
-        offload = t.gradient_checkpointing and not t.cuda_graph
+        # CUDA graph cannot replay: a captured step offloads through fixed buffers (step_graph.ActivationOffload)
+        unsloth_offload = t.gradient_checkpointing and not t.cuda_graph
         model, _ = FastLanguageModel.from_pretrained(
             model_name=check_model_source(cfg.model.name_or_path),
             max_seq_length=cfg.data.max_seq_length * (t.micro_batch_size if cfg.data.packing else 1),
             dtype=DTYPES[q.compute_dtype], load_in_4bit=q.bits == 4, device_map={"": device},
             trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-            use_gradient_checkpointing="unsloth" if offload else False, random_state=t.seed, **kwargs)
+            use_gradient_checkpointing="unsloth" if unsloth_offload else False, random_state=t.seed, **kwargs)
         lc = cfg.lora
         model = FastLanguageModel.get_peft_model(
             model, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
             target_modules=linear_names(model) if lc.target_modules == "all-linear" else lc.target_modules,
             modules_to_save=lc.modules_to_save or None,
-            use_gradient_checkpointing="unsloth" if offload else False, random_state=t.seed)
+            use_gradient_checkpointing="unsloth" if unsloth_offload else False, random_state=t.seed)
         if t.cuda_graph and t.gradient_checkpointing:
-            model.base_model.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
+            from orchestrator.step_graph import ActivationOffload
+
+            inner = model.base_model.model
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            self.offload = ActivationOffload(device)
+            for module in inner.modules():
+                if hasattr(module, "_gradient_checkpointing_func"):
+                    module._gradient_checkpointing_func = self.offload.checkpoint
+            model.enable_input_require_grads()  # the first layer's checkpoint needs an input that wants a grad
         model.config.use_cache = False
         model.train()
         return model
 
+    offload = None  # train.cuda_graph's activation offload (step_graph.ActivationOffload), counting layers per pass
+
     def forward(self, module, inputs, train=True):
+        if self.offload:
+            self.offload.begin()
         shape = inputs["input_ids"].shape
         packed = "position_ids" in inputs and "attention_mask" not in inputs
         if packed:  # one row; Unsloth takes the examples' boundaries from packed_seq_lengths when given, else
@@ -212,6 +223,8 @@ class UnslothBackend(Backend):
         from unsloth.utils import packing
 
         dev = lengths.device
+        if self.offload:
+            self.offload.begin()
         packing._PACKED_INFO_CACHE[dev] = {"seq_lengths": lengths, "result": (lengths, cu_seqlens, max_len),
                                            "inference": False}
         packing._PADDED_CU_SEQLENS_CACHE[dev] = {"cu_seqlens": cu_seqlens, "total": inputs["input_ids"].numel(),

@@ -11,8 +11,9 @@ What makes the step capturable (the backend supplies the model-specific part, ``
 - example boundaries as fixed-size device tables: the examples' lengths zero-padded to a bucket (a power of
   two >= the row's example count; one graph per bucket, all in one memory pool); the flash-attention varlen
   kernel skips empty examples and takes ``max_seq_length`` as the longest;
-- gradient checkpointing through torch's non-reentrant checkpoint without RNG stashing (LoRA dropout must be
-  0; Unsloth's offloaded checkpointing manages host buffers per call and is not used here);
+- gradient checkpointing whose layer inputs wait in fixed pinned host buffers (``ActivationOffload``; Unsloth's
+  offloaded checkpointing picks host buffers per call, which a graph cannot replay); LoRA dropout must be 0
+  (a replayed recomputation cannot redraw its mask);
 - gradients: the captured backward writes them into graph memory; after a replay they are the parameters'
   ``.grad`` (a step of one micro-batch), or are added to them, scaled, when a step accumulates several;
 - no DDP wrapper: the strategy all-reduces the step's gradients once, after the last micro-batch.
@@ -149,3 +150,103 @@ class GraphedStep:
             for p, gr in zip(self.params, g.grads, strict=True):
                 p.grad = gr * scale if p.grad is None else p.grad.add_(gr, alpha=scale)
         return g.loss.clone()
+
+
+class _Offloaded(torch.autograd.Function):
+    """A checkpointed layer whose input waits in pinned host memory until its backward recomputes it."""
+
+    @staticmethod
+    def forward(ctx, offload: ActivationOffload, run: Callable, hidden: torch.Tensor) -> torch.Tensor:
+        ctx.offload, ctx.run, ctx.index = offload, run, offload.save(hidden)
+        with torch.no_grad():
+            out = run(hidden)
+        ctx.tuple = isinstance(out, tuple)
+        return out[0] if ctx.tuple else out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden = ctx.offload.load(ctx.index).requires_grad_(True)
+        with torch.enable_grad():
+            out = ctx.run(hidden)
+        torch.autograd.backward(out[0] if ctx.tuple else out, grad)
+        return None, None, hidden.grad
+
+
+class ActivationOffload:
+    """Gradient checkpointing that parks each layer's input in a pinned host buffer, CUDA-graph safe.
+
+    The buffers (one per layer) live as long as the model, so a captured step's copies replay to and from the
+    same addresses. Forward: each layer's input is copied to the host on a side stream while the layer runs;
+    the device copy is released once that copy is done. Backward: a layer's input comes back just before its
+    recomputation, and the next layer down's is prefetched on the side stream meanwhile. Device memory holds
+    two layer inputs at a time instead of one per layer (Unsloth's offloaded checkpointing does the same with
+    host buffers it picks per call, which a graph cannot replay)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.side = device, torch.cuda.Stream(device)
+        self.slots: list[torch.Tensor] = []
+        self.shapes: dict[int, torch.Size] = {}
+        self.copying: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
+        self.fetched: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
+        self.count = 0
+
+    def begin(self) -> None:
+        """A new forward pass: layers count from 0 again."""
+        self.count = 0
+
+    def checkpoint(self, run: Callable, hidden: torch.Tensor, *args: Any) -> Any:
+        """``_gradient_checkpointing_func`` of a transformers ``GradientCheckpointingLayer``."""
+        if args:
+            run = _bind(run, args)
+        return (_Offloaded.apply(self, run, hidden),)
+
+    def _slot(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        if i == len(self.slots):
+            self.slots.append(torch.empty(0, dtype=hidden.dtype, pin_memory=True))
+        if self.slots[i].numel() < hidden.numel() or self.slots[i].dtype != hidden.dtype:
+            self.slots[i] = torch.empty(hidden.numel(), dtype=hidden.dtype, pin_memory=True)
+        return self.slots[i][:hidden.numel()]
+
+    def _release(self, i: int) -> None:
+        if i in self.copying:
+            done, _ = self.copying.pop(i)
+            torch.cuda.current_stream(self.device).wait_event(done)
+
+    def save(self, hidden: torch.Tensor) -> int:
+        i, self.count = self.count, self.count + 1
+        self._release(i - 1)  # the previous layer's input is on the host by now: its device copy may go
+        slot = self._slot(i, hidden)
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            slot.copy_(hidden.detach().reshape(-1), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.side)
+        self.shapes[i] = hidden.shape
+        self.copying[i] = (done, hidden)
+        return i
+
+    def _fetch(self, i: int) -> None:
+        buf = torch.empty(self.shapes[i], dtype=self.slots[i].dtype, device=self.device)
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            buf.view(-1).copy_(self.slots[i][:buf.numel()], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.side)
+        self.fetched[i] = (done, buf)
+
+    def load(self, i: int) -> torch.Tensor:
+        main = torch.cuda.current_stream(self.device)
+        if i in self.copying:  # the last layer's input is still on the device (backward follows the forward)
+            done, buf = self.copying.pop(i)
+        else:
+            if i not in self.fetched:
+                self._fetch(i)
+            done, buf = self.fetched.pop(i)
+        main.wait_event(done)
+        if i > 0:
+            self._fetch(i - 1)  # the next layer down, while this one recomputes
+        return buf
+
+
+def _bind(run: Callable, args: tuple) -> Callable:
+    return lambda hidden: run(hidden, *args)
