@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--json")
+    ap.add_argument("--kernels", action="store_true", help="print the device time of two eager steps by kernel")
     args = ap.parse_args()
 
     import torch
@@ -157,6 +158,15 @@ def main() -> None:
         return {"tokens_per_s": round(n_tok / dt, 1), "step_s": round(dt / args.steps, 4),
                 "peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
+    if args.kernels:  # where the device time of two eager steps goes
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(2):
+                eager(data[i])
+                optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
     results = {"eager": timed(eager), "graph": timed(graphed.run)}
     results["graph_vs_eager"] = round(results["graph"]["tokens_per_s"] / results["eager"]["tokens_per_s"], 3)
     print(json.dumps(results), flush=True)

@@ -238,6 +238,7 @@ class ActivationOffload:
         main = torch.cuda.current_stream(self.device)
         if i in self.copying:  # the last layer's input is still on the device (backward follows the forward)
             done, buf = self.copying.pop(i)
+            buf = buf.detach()  # a leaf: the recomputation's backward stops here
         else:
             if i not in self.fetched:
                 self._fetch(i)
