@@ -48,3 +48,11 @@ def test_all_linear_names_the_decoders_projections(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert linear_names(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_graphed_step_reads_example_boundaries_from_positions_and_buckets_them():
+    from orchestrator.step_graph import bucket, example_lengths
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1, 0, 1]])
+    assert example_lengths(pos).tolist() == [3, 2, 4, 5, 2, 2]  # the same boundaries the eager path sends
+    assert [bucket(n) for n in (1, 8, 9, 16, 17, 84)] == [8, 8, 16, 16, 32, 128]

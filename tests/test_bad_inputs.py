@@ -155,6 +155,11 @@ CONFIG_CASES = [
     (["--set", "train.backend=unsloth", "--set", "scaling.use_gpu=true", "--set", "train.strategy=deepspeed_zero2"],
      "train.backend=unsloth runs under DDP only, not train.strategy=deepspeed_zero2"),
     (["--set", "train.backend=fast"], "train.backend: Input should be 'auto', 'hf', 'liger' or 'unsloth'"),
+    (["--set", "train.cuda_graph=true"], "train.cuda_graph needs GPU workers (scaling.use_gpu), packed rows"),
+    (["--set", "train.cuda_graph=true", "--set", "train.backend=hf"],
+     "train.cuda_graph replays Unsloth's model: it needs train.backend unsloth or auto, not hf"),
+    (["--set", "train.cuda_graph=true", "--set", "scaling.use_gpu=true", "--set", "lora.dropout=0.1"],
+     "train.cuda_graph needs lora.dropout 0"),
 ]
 
 
