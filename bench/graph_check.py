@@ -172,7 +172,7 @@ def main() -> None:
     print(json.dumps(results), flush=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
            "model": args.model, "rows": args.rows, "max_len": args.max_len, "steps": args.steps,
-           "load_s": round(load_s, 1), "graphs": sorted(graphed.graphs), "checks": checks, "results": results}
+           "load_s": round(load_s, 1), "captures": graphed.captures, "capacity": len(graphed.graph.lengths), "checks": checks, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -57,6 +57,7 @@ def unsupported(cfg: RunConfig, backend: str) -> str | None:
 
 
 _MODULE = {"liger": "liger_kernel", "unsloth": "unsloth"}
+LOSS_CHUNK = 512  # tokens per chunk of a CUDA-graphed step's loss (fp32 logits of 512 x vocab at a time)
 
 
 def installed(backend: str) -> bool:
@@ -222,6 +223,8 @@ class UnslothBackend(Backend):
         longest example is taken to be ``max_len`` and zero-length examples are no-ops for flash attention."""
         from unsloth.utils import packing
 
+        from orchestrator.step_graph import ChunkedCrossEntropy
+
         dev = lengths.device
         if self.offload:
             self.offload.begin()
@@ -229,17 +232,23 @@ class UnslothBackend(Backend):
                                            "inference": False}
         packing._PADDED_CU_SEQLENS_CACHE[dev] = {"cu_seqlens": cu_seqlens, "total": inputs["input_ids"].numel(),
                                                  "result": (cu_seqlens, max_len), "inference": False}
-        logits = module(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
-                        packed_seq_lengths=lengths).logits
-        # Unsloth's fused loss keeps only the labelled tokens (a data-dependent shape); its Triton cross-entropy
-        # over every position instead (bf16 logits, gradient written in place), each example's first label
-        # masked as Unsloth masks packed boundaries
-        from unsloth.kernels.cross_entropy_loss import fast_cross_entropy_loss
-
-        labels = packing.mask_packed_boundary_labels(inputs["labels"], lengths)
+        labels = packing.mask_packed_boundary_labels(inputs["labels"], lengths)  # each example's first label
         shifted = torch.full_like(labels, -100)
         shifted[:, :-1] = labels[:, 1:]
-        return fast_cross_entropy_loss(logits, shifted)
+        causal = module.base_model.model
+        if getattr(causal.config, "final_logit_softcapping", None) or getattr(causal.config, "logit_scale", None):
+            # logits transformed after the head: Unsloth's Triton cross-entropy over the full logits applies them
+            from unsloth.kernels.cross_entropy_loss import fast_cross_entropy_loss
+
+            logits = module(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                            packed_seq_lengths=lengths).logits
+            return fast_cross_entropy_loss(logits, shifted)
+        # Unsloth's fused loss selects the labelled tokens (a data-dependent shape): the decoder's hidden states
+        # through the head and the loss in fixed chunks instead, never the full logits
+        hidden = causal.model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                              packed_seq_lengths=lengths).last_hidden_state
+        return ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), causal.lm_head.weight,
+                                         shifted.reshape(-1), LOSS_CHUNK)
 
 
 def flash_varlen_for_packed_rows() -> bool:

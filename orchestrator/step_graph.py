@@ -8,9 +8,11 @@ labels, positions and example boundaries into the graph's inputs and replays it:
 
 What makes the step capturable (the backend supplies the model-specific part, ``graph_forward``):
 
-- example boundaries as fixed-size device tables: the examples' lengths zero-padded to a bucket (a power of
-  two >= the row's example count; one graph per bucket, all in one memory pool); the flash-attention varlen
-  kernel skips empty examples and takes ``max_seq_length`` as the longest;
+- example boundaries as fixed-size device tables: the examples' lengths zero-padded to a capacity (a power of
+  two, captured again larger when a micro-batch has more examples); the flash-attention varlen kernel skips
+  empty examples and takes ``max_seq_length`` as the longest;
+- the loss in fixed-shape chunks (``ChunkedCrossEntropy``): no data-dependent selection of labelled tokens, and
+  no full logits tensor;
 - gradient checkpointing whose layer inputs wait in fixed pinned host buffers (``ActivationOffload``; Unsloth's
   offloaded checkpointing picks host buffers per call, which a graph cannot replay); LoRA dropout must be 0
   (a replayed recomputation cannot redraw its mask);
@@ -32,9 +34,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_GRAPHS = 6  # segment-count buckets captured before falling back to eager steps
-
-
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -52,7 +51,8 @@ def example_lengths(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def bucket(n: int) -> int:
-    return max(8, 1 << (n - 1).bit_length())
+    """Example-count capacity of a graph holding ``n`` examples: a power of two, at least 32."""
+    return max(32, 1 << (n - 1).bit_length())
 
 
 class GraphedStep:
@@ -60,7 +60,9 @@ class GraphedStep:
 
     ``forward(module, inputs, lengths, cu_seqlens, max_len)`` is the backend's graph-safe forward returning the
     loss: no host syncs, no host-read example lengths; ``inputs`` are the static device tensors of a flattened
-    row (input_ids, labels, position_ids, each ``[1, rows * max_len]``).
+    row (input_ids, labels, position_ids, each ``[1, rows * max_len]``). One graph is kept: a micro-batch with
+    more examples than its tables hold is captured again with the next power of two (a handful of captures
+    per run), and the old graph's memory is released, so one set of graph gradients is ever alive.
     """
 
     def __init__(self, module: torch.nn.Module, forward: Callable[..., torch.Tensor], device: torch.device,
@@ -72,30 +74,28 @@ class GraphedStep:
         self.inputs = {"input_ids": torch.zeros(1, self.tokens, dtype=torch.long, device=device),
                        "labels": torch.full((1, self.tokens), -100, dtype=torch.long, device=device),
                        "position_ids": torch.zeros(1, self.tokens, dtype=torch.long, device=device)}
-        self.graphs: dict[int, _Graph] = {}
-        self.pool: Any = None
+        self.graph: _Graph | None = None
+        self.captures = 0
         self.replays = 0
-        self.eager_fallbacks = 0
 
     def accepts(self, batch: dict[str, torch.Tensor]) -> bool:
-        """A host batch of packed rows this step can replay (the right shape, few enough examples)."""
-        if "position_ids" not in batch or "attention_mask" in batch or batch["input_ids"].numel() != self.tokens:
-            return False
-        b = bucket(int((batch["position_ids"] == 0).sum()))
-        return b in self.graphs or len(self.graphs) < MAX_GRAPHS
+        """A host batch of packed rows this step can replay (the right shape)."""
+        return ("position_ids" in batch and "attention_mask" not in batch
+                and batch["input_ids"].numel() == self.tokens)
 
     def _stage(self, batch: dict[str, torch.Tensor], g: _Graph) -> None:
         """Copy a host batch into the static inputs (pinned, non-blocking, ordered before the replay)."""
         for k, v in self.inputs.items():
             v.copy_(batch[k].reshape(1, -1).pin_memory(), non_blocking=True)
         lengths = example_lengths(batch["position_ids"]).to(torch.int32)
-        table = torch.zeros(2 * len(g.lengths) + 1, dtype=torch.int32)
+        size = len(g.lengths)
+        table = torch.zeros(2 * size + 1, dtype=torch.int32)
         table[:len(lengths)] = lengths
-        table[len(g.lengths) + 1:len(g.lengths) + 1 + len(lengths)] = torch.cumsum(lengths, 0)
-        table[len(g.lengths) + 1 + len(lengths):] = self.tokens
+        table[size + 1:size + 1 + len(lengths)] = torch.cumsum(lengths, 0)
+        table[size + 1 + len(lengths):] = self.tokens
         device_table = table.pin_memory().to(self.device, non_blocking=True)
-        g.lengths.copy_(device_table[:len(g.lengths)])
-        g.cu_seqlens.copy_(device_table[len(g.lengths):])
+        g.lengths.copy_(device_table[:size])
+        g.cu_seqlens.copy_(device_table[size:])
 
     def _run(self, g: _Graph) -> torch.Tensor:
         loss = self.forward(self.module, self.inputs, g.lengths, g.cu_seqlens, self.max_len)
@@ -103,6 +103,7 @@ class GraphedStep:
         return loss
 
     def _capture(self, batch: dict[str, torch.Tensor], size: int) -> _Graph:
+        self.graph = None  # the old graph and its pool go first
         g = _Graph(torch.cuda.CUDAGraph(), torch.zeros(size, dtype=torch.int32, device=self.device),
                    torch.zeros(size + 1, dtype=torch.int32, device=self.device))
         self._stage(batch, g)
@@ -117,22 +118,22 @@ class GraphedStep:
                 for p in self.params:
                     p.grad = None
         torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.cuda.graph(g.graph, pool=self.pool):
+        with torch.cuda.graph(g.graph):
             g.loss = self._run(g).detach()
-        self.pool = g.graph.pool()
         g.grads = [p.grad for p in self.params]
         for p, h in zip(self.params, held, strict=True):
             p.grad = h
+        self.captures += 1
         log.info("captured a training step graph: %d tokens, up to %d examples", self.tokens, size)
         return g
 
     def run(self, batch: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of ``batch`` (host tensors); the gradients, times ``scale``, land in (or are added
         to) the parameters' ``.grad``. Returns the unscaled loss (a device tensor)."""
-        size = bucket(int((batch["position_ids"] == 0).sum()))
-        g = self.graphs.get(size)
-        if g is None:
-            g = self.graphs[size] = self._capture(batch, size)
+        n = int((batch["position_ids"] == 0).sum())
+        g = self.graph
+        if g is None or n > len(g.lengths):
+            g = self.graph = self._capture(batch, bucket(n))
         else:
             self._stage(batch, g)
         g.graph.replay()
@@ -150,6 +151,41 @@ class GraphedStep:
             for p, gr in zip(self.params, g.grads, strict=True):
                 p.grad = gr * scale if p.grad is None else p.grad.add_(gr, alpha=scale)
         return g.loss.clone()
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 ignored), ``chunk`` tokens at a time,
+    in fixed shapes (CUDA-graph safe): at most one chunk's fp32 logits are alive, in the forward and in the
+    backward, which recomputes them. ``hidden`` [T, H], ``weight`` [V, H] (the LM head), ``labels`` [T]."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        keep = labels != -100
+        n = keep.sum().clamp_min(1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s:s + chunk] @ weight.t()).float()
+            target = logits.gather(1, labels[s:s + chunk].clamp_min(0)[:, None])[:, 0]
+            total += ((torch.logsumexp(logits, -1) - target) * keep[s:s + chunk]).sum()
+        ctx.save_for_backward(hidden, weight, labels, n)
+        ctx.chunk = chunk
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight, labels, n = ctx.saved_tensors
+        d_hidden = torch.empty_like(hidden)
+        d_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, lab = hidden[s:s + ctx.chunk], labels[s:s + ctx.chunk]
+            p = torch.softmax((h @ weight.t()).float(), -1)
+            p.scatter_add_(1, lab.clamp_min(0)[:, None], torch.full_like(p[:, :1], -1.0))
+            p *= ((lab != -100) * (grad / n))[:, None]
+            p = p.to(hidden.dtype)
+            d_hidden[s:s + ctx.chunk] = p @ weight
+            if d_weight is not None:
+                d_weight += (p.t() @ h).float()
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None
 
 
 class _Offloaded(torch.autograd.Function):

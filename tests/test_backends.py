@@ -55,4 +55,23 @@ def test_graphed_step_reads_example_boundaries_from_positions_and_buckets_them()
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1, 0, 1]])
     assert example_lengths(pos).tolist() == [3, 2, 4, 5, 2, 2]  # the same boundaries the eager path sends
-    assert [bucket(n) for n in (1, 8, 9, 16, 17, 84)] == [8, 8, 16, 16, 32, 128]
+    assert [bucket(n) for n in (1, 32, 33, 84)] == [32, 32, 64, 128]
+
+
+def test_the_graphed_steps_chunked_loss_equals_cross_entropy_and_its_gradients():
+    from orchestrator.step_graph import ChunkedCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[::3] = -100  # unlabelled (prompt, padding, packed boundaries)
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    got = ChunkedCrossEntropy.apply(hidden, weight, labels, 8)  # 8 does not divide 37: a short last chunk
+    got_grads = torch.autograd.grad(got, (hidden, weight))
+    assert torch.allclose(got.double(), ref, atol=1e-6)
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    none = ChunkedCrossEntropy.apply(hidden, weight, torch.full_like(labels, -100), 8)
+    assert none.item() == 0.0  # nothing labelled: a zero loss, not 0 / 0
