@@ -21,7 +21,7 @@ FLOP/s + attention (12 * layers * hidden * seq per token), N_active counting eve
 the forward and backward pass (the frozen 4-bit weights take part in both); per GPU for multi-GPU runs.
 Also per project variant: the share of step time a worker was blocked on the Ray Data stream
 (``data_wait_fraction``) and the GPUs' busy fraction (``nvidia-smi`` utilization over the measured steps).
-``project-<backend>[-mbN]-graph`` replays each packed micro-batch's forward and backward as one CUDA graph
+``project-<backend>[-mbN][-lenL]-graph`` (``-lenL``: packed rows of L slots) replays each packed micro-batch's forward and backward as one CUDA graph
 (``train.cuda_graph``, Unsloth backend). ``project-<backend>[-mbN][-graph]-prof`` also profiles steps 6-8 (``train.profile_steps``): device busy fraction from
 the trace, the longest idle gaps and the host op running when each began. ``VARIANT@N`` runs a project variant on N GPU workers (DDP, or DeepSpeed ZeRO-2/3 for ``project-zero2``/
 ``project-zero3``); with the 1-GPU variant (or ``project``) in the same run it reports scaling efficiency =
@@ -78,14 +78,15 @@ def variant_overrides(name: str) -> dict:
     (default 4), gradient checkpointing on."""
     if name in VARIANTS:
         return VARIANTS[name]
-    m = re.fullmatch(r"project-(auto|hf|liger|unsloth)(?:-mb(\d+))?(-graph)?(-prof)?", name)
+    m = re.fullmatch(r"project-(auto|hf|liger|unsloth)(?:-mb(\d+))?(?:-len(\d+))?(-graph)?(-prof)?", name)
     if not m:
-        raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, project-<backend>[-mbN][-graph][-prof], "
+        raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, project-<backend>[-mbN][-lenL][-graph][-prof], "
                          f"or a peer {PEERS}")
-    prof = {"train.profile_steps": [6, 8]} if m[4] else {}  # torch.profiler over steps 6-8 of rank 0
-    graph = {"train.cuda_graph": True} if m[3] else {}  # forward + backward replayed as one CUDA graph
+    prof = {"train.profile_steps": [6, 8]} if m[5] else {}  # torch.profiler over steps 6-8 of rank 0
+    graph = {"train.cuda_graph": True} if m[4] else {}  # forward + backward replayed as one CUDA graph
+    rows = {"data.max_seq_length": int(m[3])} if m[3] else {}  # packed rows of this many slots
     return {"train.backend": m[1], "train.micro_batch_size": int(m[2] or 4), "train.gradient_checkpointing": True,
-            **graph, **prof}
+            **rows, **graph, **prof}
 
 
 def run_peer(variant: str, model: str, shapes: str, steps: int) -> dict:
