@@ -83,7 +83,7 @@ def variant_overrides(name: str) -> dict:
         raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, project-<backend>[-mbN][-lenL][-graph][-prof], "
                          f"or a peer {PEERS}")
     prof = {"train.profile_steps": [6, 8]} if m[5] else {}  # torch.profiler over steps 6-8 of rank 0
-    graph = {"train.cuda_graph": True} if m[4] else {}  # forward + backward replayed as one CUDA graph
+    graph = {"train.cuda_graph": bool(m[4])}  # -graph: forward + backward replayed as one CUDA graph
     rows = {"data.max_seq_length": int(m[3])} if m[3] else {}  # packed rows of this many slots
     return {"train.backend": m[1], "train.micro_batch_size": int(m[2] or 4), "train.gradient_checkpointing": True,
             **rows, **graph, **prof}

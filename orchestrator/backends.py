@@ -34,12 +34,8 @@ def unsupported(cfg: RunConfig, backend: str) -> str | None:
     if cfg.train.cuda_graph:
         if backend not in ("unsloth", "auto"):
             return f"train.cuda_graph replays Unsloth's model: it needs train.backend unsloth or auto, not {backend}"
-        if not (cfg.scaling.use_gpu and cfg.data.packing and cfg.model.task == "causal_lm"):
-            return "train.cuda_graph needs GPU workers (scaling.use_gpu), packed rows (data.packing) and a causal LM"
-        if cfg.lora.dropout:
-            return "train.cuda_graph needs lora.dropout 0 (a replayed recomputation cannot redraw the dropout mask)"
-        if cfg.train.strategy != "ddp":
-            return f"train.cuda_graph runs under DDP only, not train.strategy={cfg.train.strategy}"
+        if why := graph_unsupported(cfg):
+            return why
     if backend in ("hf", "auto"):
         return None
     if not cfg.scaling.use_gpu:
@@ -54,6 +50,28 @@ def unsupported(cfg: RunConfig, backend: str) -> str | None:
         if cfg.quantization.bits == 4 and cfg.quantization.quant_type != "nf4":
             return "train.backend=unsloth quantizes with nf4, not quantization.quant_type=fp4"
     return None
+
+
+def graph_unsupported(cfg: RunConfig) -> str | None:
+    """Why a CUDA-graphed step (``train.cuda_graph``) cannot run this config, or None."""
+    if not (cfg.scaling.use_gpu and cfg.data.packing and cfg.model.task == "causal_lm"):
+        return "train.cuda_graph needs GPU workers (scaling.use_gpu), packed rows (data.packing) and a causal LM"
+    if cfg.lora.dropout:
+        return "train.cuda_graph needs lora.dropout 0 (a replayed recomputation cannot redraw the dropout mask)"
+    if cfg.train.strategy != "ddp":
+        return f"train.cuda_graph runs under DDP only, not train.strategy={cfg.train.strategy}"
+    return None
+
+
+def graphed(cfg: RunConfig, backend: str) -> bool:
+    """Whether a worker running ``backend`` replays CUDA-graphed steps: ``train.cuda_graph`` unset means wherever
+    it can run (the unsloth backend and a config it fits); true was checked before Ray started."""
+    if cfg.train.cuda_graph is False:
+        return False
+    if cfg.train.cuda_graph and backend != "unsloth":
+        raise ConfigError(f"train.cuda_graph replays Unsloth's model, but this worker runs the {backend} backend "
+                          "(train.backend=auto found no Unsloth here: pip install '.[unsloth]')")
+    return backend == "unsloth" and graph_unsupported(cfg) is None
 
 
 _MODULE = {"liger": "liger_kernel", "unsloth": "unsloth"}
@@ -170,7 +188,8 @@ class UnslothBackend(Backend):
             kwargs["quantization_config"] = bnb_config(cfg)
         # Unsloth's offloaded checkpointing stages activations through host buffers it picks per call, which a
         # CUDA graph cannot replay: a captured step offloads through fixed buffers (step_graph.ActivationOffload)
-        unsloth_offload = t.gradient_checkpointing and not t.cuda_graph
+        graph = graphed(cfg, self.name)
+        unsloth_offload = t.gradient_checkpointing and not graph
         model, _ = FastLanguageModel.from_pretrained(
             model_name=check_model_source(cfg.model.name_or_path),
             max_seq_length=cfg.data.max_seq_length * (t.micro_batch_size if cfg.data.packing else 1),
@@ -183,7 +202,7 @@ class UnslothBackend(Backend):
             target_modules=linear_names(model) if lc.target_modules == "all-linear" else lc.target_modules,
             modules_to_save=lc.modules_to_save or None,
             use_gradient_checkpointing="unsloth" if unsloth_offload else False, random_state=t.seed)
-        if t.cuda_graph and t.gradient_checkpointing:
+        if graph and t.gradient_checkpointing:
             from orchestrator.step_graph import ActivationOffload
 
             inner = model.base_model.model

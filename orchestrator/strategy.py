@@ -33,13 +33,13 @@ class DDPStrategy:
     lockstep_forward = False  # True where every forward pass is a collective (ZeRO-3's parameter all-gathers)
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int,
-                 device: torch.device, forward_module: torch.nn.Module | None = None):
+                 device: torch.device, forward_module: torch.nn.Module | None = None, graphed: bool = False):
         import ray.train.torch
 
         self.cfg, self.core, self.optimizer, self.world = cfg, model, optimizer, world
         self.model = forward_module or model
         # A CUDA-graphed step (train.cuda_graph) runs the bare model; its gradients are all-reduced in step()
-        self.reduce_in_step = world > 1 and cfg.train.cuda_graph
+        self.reduce_in_step = world > 1 and graphed
         if world > 1 and not self.reduce_in_step:
             self.model = ray.train.torch.prepare_model(self.model, move_to_device=False,
                                                        parallel_strategy_kwargs={"find_unused_parameters": False})
@@ -179,8 +179,11 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict[str, Any]:
 
 
 def make_strategy(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int,
-                  device: torch.device, forward_module: torch.nn.Module | None = None) -> DDPStrategy:
+                  device: torch.device, forward_module: torch.nn.Module | None = None,
+                  graphed: bool = False) -> DDPStrategy:
     """``model`` is what is saved and evaluated; ``forward_module`` (default: the model) what training
-    forwards go through, e.g. the chunked-loss wrapper of :mod:`orchestrator.loss`."""
-    cls = DDPStrategy if cfg.train.strategy == "ddp" else DeepSpeedStrategy
-    return cls(cfg, model, optimizer, world, device, forward_module)
+    forwards go through, e.g. the chunked-loss wrapper of :mod:`orchestrator.loss`; ``graphed``: the steps are
+    replayed CUDA graphs (DDP only), whose gradients the strategy all-reduces itself."""
+    if cfg.train.strategy == "ddp":
+        return DDPStrategy(cfg, model, optimizer, world, device, forward_module, graphed)
+    return DeepSpeedStrategy(cfg, model, optimizer, world, device, forward_module)

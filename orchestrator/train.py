@@ -198,7 +198,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from orchestrator.backends import make_backend, resolve
+    from orchestrator.backends import graphed, make_backend, resolve
     from orchestrator.data import load_tokenizer, micro_batches
     from orchestrator.model import param_counts
     from orchestrator.profile import StepProfiler
@@ -237,17 +237,17 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     plan = Plan.make(cfg, loop["rows_per_rank"])
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
+    use_graph = graphed(cfg, backend.name)
     strategy = make_strategy(cfg, model, optimizer, world, device,
-                             forward_module=backend.training_module(model, cfg))
+                             forward_module=backend.training_module(model, cfg), graphed=use_graph)
     core = strategy.core
-    graphed = None
-    if t.cuda_graph:
-        if backend.graph_forward is None:
-            raise ConfigError(f"train.cuda_graph replays Unsloth's model, but this worker runs the {backend.name} "
-                              "backend (train.backend=auto found no Unsloth here: pip install '.[unsloth]')")
+    step_graph = None
+    if use_graph:
         from orchestrator.step_graph import GraphedStep
 
-        graphed = GraphedStep(core, backend.graph_forward, device, t.micro_batch_size, cfg.data.max_seq_length)
+        step_graph = GraphedStep(core, backend.graph_forward, device, t.micro_batch_size, cfg.data.max_seq_length)
+        if rank == 0:
+            print("training step: replayed as a CUDA graph (train.cuda_graph)")
     task = make_task(cfg.model.task, tokenizer.pad_token_id, cfg.data.packing, labels)
     group_by_length = cfg.data.group_by_length and not (cfg.model.task == "causal_lm" and cfg.data.packing)
     if state:
@@ -357,8 +357,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 t_wait = time.perf_counter()
                 batch = next(batches)  # time blocked here: the device waits for data
                 wait_window += time.perf_counter() - t_wait
-                if graphed and graphed.accepts(batch):  # forward and backward in one replayed CUDA graph
-                    loss = graphed.run(batch, scale=1 / n_micro) / n_micro
+                if step_graph and step_graph.accepts(batch):  # forward and backward in one replayed CUDA graph
+                    loss = step_graph.run(batch, scale=1 / n_micro) / n_micro
                 else:
                     batch = backend.to_device(batch, device)
                     with strategy.accumulating(last=k == n_micro - 1), autocast(cfg, device, backend.autocast):

@@ -75,3 +75,17 @@ def test_the_graphed_steps_chunked_loss_equals_cross_entropy_and_its_gradients()
         assert torch.allclose(a, b, atol=1e-6)
     none = ChunkedCrossEntropy.apply(hidden, weight, torch.full_like(labels, -100), 8)
     assert none.item() == 0.0  # nothing labelled: a zero loss, not 0 / 0
+
+
+def test_the_cuda_graph_step_is_on_by_default_only_where_it_can_run():
+    from orchestrator.backends import graphed
+
+    gpu = {"scaling.use_gpu": True}
+    assert graphed(_cfg(**gpu), "unsloth")  # unset: on for Unsloth on packed causal-LM rows, dropout 0, DDP
+    assert not graphed(_cfg(**gpu), "hf") and not graphed(_cfg(), "hf")  # other backends, CPU runs: eager
+    assert not graphed(_cfg(**gpu, **{"lora.dropout": 0.1}), "unsloth")  # unset and cannot run: quietly off
+    assert not graphed(_cfg(**gpu, **{"train.cuda_graph": False}), "unsloth")
+    required = _cfg(**gpu, **{"train.cuda_graph": True})
+    assert graphed(required, "unsloth")
+    with pytest.raises(ConfigError, match="train.cuda_graph replays Unsloth's model, but this worker runs the hf"):
+        graphed(required, "hf")  # asked for, and `auto` found no Unsloth in the worker
