@@ -60,6 +60,8 @@ def graph_unsupported(cfg: RunConfig) -> str | None:
         return "train.cuda_graph needs lora.dropout 0 (a replayed recomputation cannot redraw the dropout mask)"
     if cfg.train.strategy != "ddp":
         return f"train.cuda_graph runs under DDP only, not train.strategy={cfg.train.strategy}"
+    if cfg.lora.modules_to_save:
+        return "train.cuda_graph trains LoRA adapters only, not whole modules (lora.modules_to_save)"
     return None
 
 

@@ -84,6 +84,7 @@ def test_the_cuda_graph_step_is_on_by_default_only_where_it_can_run():
     assert graphed(_cfg(**gpu), "unsloth")  # unset: on for Unsloth on packed causal-LM rows, dropout 0, DDP
     assert not graphed(_cfg(**gpu), "hf") and not graphed(_cfg(), "hf")  # other backends, CPU runs: eager
     assert not graphed(_cfg(**gpu, **{"lora.dropout": 0.1}), "unsloth")  # unset and cannot run: quietly off
+    assert not graphed(_cfg(**gpu, **{"lora.modules_to_save": ["lm_head"]}), "unsloth")
     assert not graphed(_cfg(**gpu, **{"train.cuda_graph": False}), "unsloth")
     required = _cfg(**gpu, **{"train.cuda_graph": True})
     assert graphed(required, "unsloth")
