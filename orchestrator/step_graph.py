@@ -34,6 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
