@@ -164,9 +164,9 @@ class UnslothBackend(Backend):
         out = {k: v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
                for k, v in batch.items()}
         if "position_ids" in batch and "attention_mask" not in batch:
-            pos = batch["position_ids"].reshape(-1)
-            starts = torch.cat([torch.nonzero(pos == 0).flatten(), torch.tensor([pos.numel()])])
-            out["packed_seq_lengths"] = torch.diff(starts).to(torch.int32)
+            from orchestrator.step_graph import example_lengths
+
+            out["packed_seq_lengths"] = example_lengths(batch["position_ids"]).to(torch.int32)
         return out
 
     def load(self, cfg, device, labels):
