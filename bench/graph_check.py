@@ -6,8 +6,8 @@ Loads the model through ``orchestrator.backends`` as a Ray Train worker does wit
 (Unsloth backend, 4-bit NF4 + double quant, LoRA r=16 on every linear layer, torch's checkpointing), gives the
 LoRA weights seeded non-zero values, and builds packed micro-batches the way the data pipeline does
 (``orchestrator.tokenization.pack``: first-fit-decreasing rows of ``--max-len`` slots, position ids restarting
-per example, prompt tokens unlabelled) from examples of 40-300 tokens; one batch of 24-token examples lands in
-a larger example-count bucket (a second capture).
+per example, prompt tokens unlabelled) from examples of 40-300 tokens; one batch of 16-32-token examples holds
+more examples than the first graph's tables (a second, larger capture).
 
 1. Same batch, eager vs replayed: the loss and every LoRA gradient (relative error and cosine similarity),
    for the first capture, a replay, a replay after an eager step of another batch, the second bucket, and two

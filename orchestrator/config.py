@@ -179,8 +179,8 @@ class TrainConfig(_Strict):
         None, description="Capture a packed micro-batch's forward and backward once as a CUDA graph and replay it "
         "for every later micro-batch of that shape (orchestrator/step_graph.py): the host launches one graph "
         "instead of thousands of kernels. Unset (default): on wherever it can run (GPU workers running the "
-        "unsloth backend on packed causal-LM rows under DDP with lora.dropout 0), else off; true: required (an "
-        "error where it cannot run); false: off.")
+        "unsloth backend on packed causal-LM rows under DDP with lora.dropout 0 and no lora.modules_to_save), else "
+        "off; true: required (an error where it cannot run); false: off.")
     profile_steps: tuple[int, int] | None = Field(
         None, description="Profile optimizer steps FIRST..LAST (1-based) of rank 0 with torch.profiler: "
         "RUN_DIR/profile/ gets a Chrome trace, an op table and summary.json (device busy fraction, longest idle "

@@ -77,7 +77,6 @@ class GraphedStep:
                        "position_ids": torch.zeros(1, self.tokens, dtype=torch.long, device=device)}
         self.graph: _Graph | None = None
         self.captures = 0
-        self.replays = 0
 
     def accepts(self, batch: dict[str, torch.Tensor]) -> bool:
         """A host batch of packed rows this step can replay (the right shape)."""
@@ -138,7 +137,6 @@ class GraphedStep:
         else:
             self._stage(batch, g)
         g.graph.replay()
-        self.replays += 1
         have = [p.grad for p in self.params]
         if all(h is None for h in have):
             # scale 1 (a step of one micro-batch): the graph's own memory, read by the optimizer step before the
