@@ -28,13 +28,17 @@ class LocalCluster:
     def __init__(self, log_dir: Path):
         self.port = free_port()
         self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
         self.nodes: list[subprocess.Popen] = []
         # A cluster without token auth: this process's Ray client runs with auth disabled.
         # ... and no 30 s node drain when the head is stopped at the end
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         self.env.pop("RAY_ADDRESS", None)
         self.ray = str(Path(sys.executable).parent / "ray")
-        self.head = self._start(["--head", f"--port={self.port}", "--include-dashboard=false"])
+        # every port the head binds is a free one: another Ray on this machine (the session's own, a head of an
+        # earlier test still stopping) may hold a default one, such as the client server's 10001
+        self.head = self._start(["--head", f"--port={self.port}", "--include-dashboard=false",
+                                 f"--ray-client-server-port={free_port()}"])
 
     def _start(self, args: list[str]) -> subprocess.Popen:
         k = len(self.nodes)  # node k carries a custom resource "node-k": how the test tells nodes apart
@@ -52,7 +56,8 @@ class LocalCluster:
     def wait_for(self, ray, n: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
         while len(alive_nodes(ray)) < n:
-            assert time.time() < deadline, f"{n} nodes did not come up: {self.log_dir}"
+            assert time.time() < deadline, (f"{n} nodes did not come up; the last node's log ends:\n"
+                                            f"{(self.log_dir / f'node-{len(self.nodes) - 1}.log').read_text()[-2000:]}")
             time.sleep(1)
 
     @staticmethod
@@ -79,23 +84,38 @@ def alive_nodes(ray) -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"]]
 
 
+def connect(ray, log_dir: Path, attempts: int = 2) -> LocalCluster:
+    """A head started and this process connected to it; a head that dies or does not answer within two
+    minutes is stopped and a fresh one started on other ports (once), else the error names its log."""
+    for attempt in range(1, attempts + 1):
+        c = LocalCluster(log_dir / f"attempt-{attempt}")
+        deadline = time.time() + 120
+        while True:
+            try:
+                ray.init(address=f"127.0.0.1:{c.port}", log_to_driver=False)
+                return c
+            except Exception as e:
+                if time.time() < deadline and c.head.poll() is None:
+                    time.sleep(2)
+                    continue
+                ray.shutdown()
+                c.shutdown()
+                if attempt == attempts:
+                    log = (c.log_dir / "node-0.log").read_text()[-3000:]
+                    raise RuntimeError(f"the head did not come up ({e}); its log ends:\n{log}") from None
+                break
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture
 def cluster(tmp_path):
     import ray
 
     was_local = ray.is_initialized()
     ray.shutdown()  # the session's single-node instance; restored below for the tests that follow
-    c = LocalCluster(tmp_path)
+    c = None
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                ray.init(address=f"127.0.0.1:{c.port}", log_to_driver=False)
-                break
-            except Exception:
-                if time.time() > deadline or c.head.poll() is not None:
-                    raise
-                time.sleep(2)
+        c = connect(ray, tmp_path)
         for n in (2, 3):  # one at a time: two nodes starting at once on two cores can time out
             c.add_worker()
             c.wait_for(ray, n)
@@ -103,7 +123,8 @@ def cluster(tmp_path):
         yield c
     finally:
         ray.shutdown()
-        c.shutdown()
+        if c:
+            c.shutdown()
         if was_local:
             start_local_ray()
 
