@@ -5,20 +5,20 @@ that replaces it, with no optimizer step lost or repeated."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, validate_config
+from orchestrator.config import ConfigError, dump_config, validate_config
 from orchestrator.train import PLACEMENT_GROUP_FILE, run_training
 
-from .conftest import PDF, forget_ray_address, start_local_ray
+from .conftest import PDF, ROOT, forget_ray_address, start_local_ray
 from .test_jobs import agent_ports, free_port
 
 
@@ -149,40 +149,39 @@ def test_spread_training_survives_losing_a_node(cluster, tiny_model_dir, tmp_pat
                                           r"\(\S+ filesystem\) on a Ray cluster of 3 nodes"):
         run_training(tracked)
     assert not (run_dir / "train").exists()
-    result: dict = {}
-
-    def train():
-        try:
-            result["r"] = run_training(cfg)
-        except BaseException as e:  # noqa: BLE001 (reported by the assertion below)
-            result["error"] = e
-
-    t = threading.Thread(target=train, daemon=True)
-    t.start()
-
-    # Wait for the step-2 checkpoint, then see where the workers are and kill a worker's node.
-    deadline = time.time() + 420
-    while not list((run_dir / "train").glob("checkpoint_*/adapter")):
-        assert t.is_alive() and time.time() < deadline, f"no checkpoint appeared: {result.get('error')!r}"
-        time.sleep(1)
-    pg = (run_dir / PLACEMENT_GROUP_FILE).read_text().strip()
-    bundle_nodes = set(ray.util.placement_group_table()[pg]["bundles_to_node_id"].values())
-    assert len(bundle_nodes) == 2, "SPREAD puts the two workers on different nodes"
-    driver_node = ray.get_runtime_context().get_node_id()  # the head; Train's controller runs beside the driver
-    victim_id = next(iter(sorted(bundle_nodes - {driver_node})))
-    victim_resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == victim_id)
-    (k,) = (int(r.split("-")[1]) for r in victim_resources if r.startswith("node-"))
-    victim = cluster.nodes[k]
-    cluster.kill(victim)
-    cluster.add_worker()  # what the autoscaler does on a cluster
-    cluster.wait_for(ray, 3)
-
-    t.join(timeout=600)
-    assert not t.is_alive(), "training did not finish after the node was replaced"
-    assert "error" not in result, repr(result.get("error"))
-    res = result["r"]
-    assert [h["step"] for h in res.history] == list(range(1, 9)), "no optimizer step lost or repeated"
+    # The run's driver is a process of its own, as `orchestrator train` on a cluster's head: a driver that ran
+    # Ray Data on another Ray instance before (this test process, in a full suite) cannot run it here.
+    cfg_file = tmp_path / "spread.yaml"
+    cfg_file.write_text(dump_config(cfg))
+    env = {**cluster.env, "RAY_ADDRESS": f"127.0.0.1:{cluster.port}"}
+    driver_log = tmp_path / "driver.log"
+    with open(driver_log, "w") as log:
+        driver = subprocess.Popen([str(Path(sys.executable).parent / "orchestrator"), "train", str(cfg_file)],
+                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Wait for the step-2 checkpoint, then see where the workers are and kill a worker's node.
+        deadline = time.time() + 420
+        while not list((run_dir / "train").glob("checkpoint_*/adapter")):
+            assert driver.poll() is None and time.time() < deadline, \
+                f"no checkpoint appeared; the driver's output ends:\n{driver_log.read_text()[-3000:]}"
+            time.sleep(1)
+        pg = (run_dir / PLACEMENT_GROUP_FILE).read_text().strip()
+        bundle_nodes = set(ray.util.placement_group_table()[pg]["bundles_to_node_id"].values())
+        assert len(bundle_nodes) == 2, "SPREAD puts the two workers on different nodes"
+        head = ray.get_runtime_context().get_node_id()  # the drivers' node; Train's controller runs beside them
+        victim_id = next(iter(sorted(bundle_nodes - {head})))
+        victim_resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == victim_id)
+        (k,) = (int(r.split("-")[1]) for r in victim_resources if r.startswith("node-"))
+        victim = cluster.nodes[k]
+        cluster.kill(victim)
+        cluster.add_worker()  # what the autoscaler does on a cluster
+        cluster.wait_for(ray, 3)
+        rc = driver.wait(600)
+    finally:
+        LocalCluster.kill(driver)
+    assert rc == 0, f"the run failed after the node was replaced:\n{driver_log.read_text()[-3000:]}"
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(1, 9)), "no optimizer step lost or repeated"
     assert (run_dir / "adapter/adapter_model.safetensors").exists()
     assert (run_dir / PLACEMENT_GROUP_FILE).read_text().strip() != pg, "the run restarted on a new placement group"
     assert victim_id not in {n["NodeID"] for n in alive_nodes(ray)}
-
