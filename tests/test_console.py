@@ -15,7 +15,7 @@ def test_train_console_is_quiet_and_the_chatter_is_in_the_run_log(tmp_path, tiny
     exe = Path(sys.executable).parent / "orchestrator"
     sets = {"output_dir": tmp_path, "model.name_or_path": tiny_model_dir, "model.build_tiny": "false",
             "data.qa.max_articles": 12, "data.max_seq_length": 128, "data.tokenize_actors": 1,
-            "train.max_steps": 4, "train.eval_every": 2, "train.log_every": 1}
+            "train.max_steps": 4, "train.eval_every": 2, "train.log_every": 1, "scaling.num_workers": 1}
     argv = [str(exe), "train", str(ROOT / "configs/constitution-qa-tiny.yaml")]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]

@@ -1,7 +1,7 @@
 """`ray job submit` as users run it: a local Ray head started with `ray start --head`, the demo pipeline
 (configs/demo.yaml, shortened by --set) submitted with the Job Submission SDK and a working dir, run to
-SUCCEEDED: both models trained, merged, served and asked over HTTP, report written (the Tune stage is
-test_tune's)."""
+SUCCEEDED: both models trained on the head's workers, report written. The pipeline's other stages (tune, eval,
+merge, serve, ask) run in the README's demo (test_readme), the single-stage jobs in its job sequence."""
 
 from __future__ import annotations
 
@@ -83,14 +83,14 @@ def test_demo_pipeline_job_succeeds_on_a_local_head(ray_head, tiny_model_dir, tm
 
     out = tmp_path / "out"
     sets = {
-        "output_dir": str(out), "serve_port": free_port(),
+        "output_dir": str(out),
         # the test session's tiny Llama instead of building the demo's (pre-training takes minutes)
         "runs.0.set.model.name_or_path": str(tiny_model_dir), "runs.0.set.model.build_tiny": "false",
         "set.train.max_steps": 4, "set.train.eval_every": 2, "set.train.log_every": 2,
         "set.train.micro_batch_size": 4, "set.data.max_seq_length": 128, "set.data.tokenize_actors": 1,
         "set.data.max_examples": 120, "set.data.qa.max_articles": 12,
-        "stages": "[train, merge, serve, ask]",  # the Tune stage's study is test_tune's (and the demo's)
-        "ask.max_tokens": 8,
+        # the other stages run in the README's demo (test_readme); here the pipeline runs as one Ray job
+        "stages": "[train]",
     }
     args = " ".join(shlex.quote(f"--set={k}={v}") for k, v in sets.items())
     for attempt in range(12):  # a head whose job agent is not up yet answers "try again later", as Ray asks
@@ -112,14 +112,8 @@ def test_demo_pipeline_job_succeeds_on_a_local_head(ray_head, tiny_model_dir, tm
     demo = out / "demo"
     for run in ("constitution-qa-tiny", "medical-ner-tiny"):
         assert (demo / run / "adapter/adapter_model.safetensors").exists()
-        assert (demo / run / "merged/config.json").exists() and (demo / run / "merged/merge.json").exists()
         assert json.loads((demo / run / "metrics.json").read_text())["steps"] == 4
-    summary = json.loads((demo / "summary.json").read_text())
-    qa = summary["answers"]["constitution-qa-tiny"]
-    assert [a["question"] for a in qa][0].startswith("What does Article 16") and all("answer" in a for a in qa)
-    ner = summary["answers"]["medical-ner-tiny"]
-    assert len(ner) == 2 and all(isinstance(a["entities"], list) for a in ner)
     report = (demo / "report.md").read_text()
     assert "| constitution-qa-tiny |" in report and "losses.png" in report
     assert (demo / "losses.png").stat().st_size > 1000
-    assert f"pipeline outputs: {demo}" in logs and "[7/7" in logs
+    assert f"pipeline outputs: {demo}" in logs and "[4/4" in logs  # Ray, two runs trained, the report

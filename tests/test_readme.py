@@ -44,7 +44,7 @@ SKIP = [
 # extra arguments per command (matched by substring), so the run fits the suite's time
 TINY = ["--set", "data.qa.max_articles=12", "--set",
         "data.max_seq_length=128", "--set", "data.tokenize_actors=1", "--set", "train.max_steps=2",
-        "--set", "train.eval_every=2", "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1"]
+        "--set", "train.eval_every=2", "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=1"]
 SHORTEN = [
     ("orchestrator demo", [  # outputs under the test's directory, not the checkout's runs/ (which it would reuse)
         "--set", "output_dir={tmp}/runs", "--set", "eval_examples=4", "--set", "set.train.max_steps=4",
@@ -145,6 +145,13 @@ def test_readme_commands_run_as_written(tmp_path):
     # the outputs the README names
     demo = tmp_path / "runs/demo"
     assert (demo / "report.md").exists() and (demo / "summary.json").exists() and (demo / "losses.png").exists()
+    for run in ("constitution-qa-tiny", "medical-ner-tiny"):
+        assert (demo / run / "merged/config.json").exists() and (demo / run / "merged/merge.json").exists()
+    summary = json.loads((demo / "summary.json").read_text())
+    qa = summary["answers"]["constitution-qa-tiny"]
+    assert [a["question"] for a in qa][0].startswith("What does Article 16") and all("answer" in a for a in qa)
+    ner = summary["answers"]["medical-ner-tiny"]
+    assert len(ner) == 2 and all(isinstance(a["entities"], list) for a in ner)
     jobs = tmp_path / "jobruns/constitution-qa-tiny"
     base = json.loads((jobs / "adapter/adapter_config.json").read_text())["base_model_name_or_path"]
     assert base.endswith("models/constitution-tiny-llama")  # the shipped base, travelled with the working dir
