@@ -12,8 +12,11 @@ more examples than the first graph's tables (a second, larger capture).
 1. Same batch, eager vs replayed: the loss and every LoRA gradient (relative error and cosine similarity),
    for the first capture, a replay, a replay after an eager step of another batch, the second bucket, and two
    micro-batches accumulated with scale 1/2.
-2. Throughput: ``--steps`` optimizer steps (forward, backward, clip, paged AdamW step) eager and then
-   replayed, on the same batches; real tokens/s, step time, peak allocated memory.
+   Then three paged AdamW steps over the flat parameter buffers (``orchestrator.flat``) against bitsandbytes
+   stepping each LoRA tensor from the same gradients.
+2. Throughput: ``--steps`` optimizer steps (forward, backward, clip, paged AdamW step) eager, replayed with the
+   per-tensor optimizer step, and replayed with the flat one, on the same batches; real tokens/s, step time,
+   peak allocated memory.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ def main() -> None:
     from bench.train_gpu import base_config
     from orchestrator.backends import make_backend
     from orchestrator.config import set_fields
+    from orchestrator.flat import FlatParameters
     from orchestrator.step_graph import GraphedStep
     from orchestrator.train import make_optimizer
 
@@ -90,7 +94,8 @@ def main() -> None:
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     data = packed_batches(vocab, 16, args.rows, args.max_len, seed=1)
     short = packed_batches(vocab, 1, args.rows, args.max_len, seed=2, lengths=(16, 32))[0]
-    graphed = GraphedStep(model, backend.graph_forward, device, args.rows, args.max_len)
+    flat = FlatParameters(params)
+    graphed = GraphedStep(model, backend.graph_forward, device, args.rows, args.max_len, flat)
 
     def eager(batch, scale=1.0):
         inputs = backend.to_device(batch, device)
@@ -100,8 +105,7 @@ def main() -> None:
 
     def take_grads():
         out = [p.grad.detach().float().clone() for p in params]
-        for p in params:
-            p.grad = None
+        flat.zero_grad()
         return out
 
     def compare(name, e_loss, e, g_loss, gr):
@@ -134,24 +138,46 @@ def main() -> None:
     g_loss = (graphed.run(data[4], 0.5) + graphed.run(data[5], 0.5)) / 2
     checks.append(compare("two micro-batches accumulated", e_loss, e, g_loss, take_grads()))
 
-    optimizer = make_optimizer(cfg, params)
+    # The flat optimizer step against bitsandbytes stepping each LoRA tensor, from the same gradients
+    eager(data[6])
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for r, p in zip(ref, params, strict=True):
+        r.grad = p.grad.detach().clone()
+    ref_opt, optimizer = make_optimizer(cfg, ref), make_optimizer(cfg, params, flat)
+    before = [p.detach().clone() for p in params]
+    for _ in range(3):
+        ref_opt.step()
+        optimizer.step()
+    diff = max((p - r).abs().max().item() for p, r in zip(params, ref, strict=True))
+    moved = max((p - b).abs().max().item() for p, b in zip(params, before, strict=True))
+    checks.append({"check": "flat optimizer step vs per-tensor (3 steps)", "max_abs_diff": diff, "max_abs_update": moved})
+    print(json.dumps(checks[-1]), flush=True)
+    del ref, ref_opt, before
+    flat.zero_grad()
     tokens = [int(b["num_tokens"].sum()) for b in data]
 
-    def timed(run_one) -> dict:
+    def opt_step(per_tensor: bool) -> None:
+        if per_tensor:  # what the loop did before flat parameters: clip and step each LoRA tensor
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            per_tensor_opt.step()
+        else:
+            torch.nn.utils.clip_grad_norm_(flat.flats, 1.0)
+            optimizer.step()
+        flat.zero_grad()
+
+    per_tensor_opt = make_optimizer(cfg, params)
+
+    def timed(run_one, per_tensor: bool = False) -> dict:
         for i in range(3):
             run_one(data[i])
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            opt_step(per_tensor)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         n_tok = 0
         for i in range(args.steps):
             run_one(data[i % len(data)])
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            opt_step(per_tensor)
             n_tok += tokens[i % len(data)]
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
@@ -164,11 +190,14 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(2):
                 eager(data[i])
-                optimizer.zero_grad(set_to_none=True)
+                flat.zero_grad()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
-    results = {"eager": timed(eager), "graph": timed(graphed.run)}
+    results = {"eager": timed(eager), "graph_per_tensor_optimizer": timed(graphed.run, per_tensor=True),
+               "graph": timed(graphed.run)}
     results["graph_vs_eager"] = round(results["graph"]["tokens_per_s"] / results["eager"]["tokens_per_s"], 3)
+    results["flat_vs_per_tensor_optimizer"] = round(
+        results["graph"]["tokens_per_s"] / results["graph_per_tensor_optimizer"]["tokens_per_s"], 3)
     print(json.dumps(results), flush=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
            "model": args.model, "rows": args.rows, "max_len": args.max_len, "steps": args.steps,

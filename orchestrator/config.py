@@ -178,7 +178,8 @@ class TrainConfig(_Strict):
     cuda_graph: bool | None = Field(
         None, description="Capture a packed micro-batch's forward and backward once as a CUDA graph and replay it "
         "for every later micro-batch of that shape (orchestrator/step_graph.py): the host launches one graph "
-        "instead of thousands of kernels. Unset (default): on wherever it can run (GPU workers running the "
+        "instead of thousands of kernels, and the optimizer steps the LoRA weights as one flat buffer per group "
+        "(orchestrator/flat.py) instead of tensor by tensor. Unset (default): on wherever it can run (GPU workers running the "
         "unsloth backend on packed causal-LM rows under DDP with lora.dropout 0 and no lora.modules_to_save), else "
         "off; true: required (an error where it cannot run); false: off.")
     profile_steps: tuple[int, int] | None = Field(

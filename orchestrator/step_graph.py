@@ -16,8 +16,9 @@ What makes the step capturable (the backend supplies the model-specific part, ``
 - gradient checkpointing whose layer inputs wait in fixed pinned host buffers (``ActivationOffload``; Unsloth's
   offloaded checkpointing picks host buffers per call, which a graph cannot replay); LoRA dropout must be 0
   (a replayed recomputation cannot redraw its mask);
-- gradients: the captured backward writes them into graph memory; after a replay they are the parameters'
-  ``.grad`` (a step of one micro-batch), or are added to them, scaled, when a step accumulates several;
+- gradients: the parameters and their ``.grad`` are views of flat buffers (``flat.FlatParameters``) that stay
+  allocated, so the captured backward accumulates into the same addresses at every replay, scaled by a device
+  scalar (``1 / micro-batches`` of the step); the optimizer, clipping and zeroing then see one tensor each;
 - no DDP wrapper: the strategy all-reduces the step's gradients once, after the last micro-batch.
 
 Micro-batches of another shape (an epoch's short last one) and evaluation run eagerly as before.
@@ -27,10 +28,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from orchestrator.flat import FlatParameters
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,6 @@ class _Graph:
     lengths: torch.Tensor  # int32 [bucket], zero-padded
     cu_seqlens: torch.Tensor  # int32 [bucket + 1]
     loss: torch.Tensor | None = None
-    grads: list[torch.Tensor] = field(default_factory=list)
 
 
 def example_lengths(position_ids: torch.Tensor) -> torch.Tensor:
@@ -63,15 +65,16 @@ class GraphedStep:
     loss: no host syncs, no host-read example lengths; ``inputs`` are the static device tensors of a flattened
     row (input_ids, labels, position_ids, each ``[1, rows * max_len]``). One graph is kept: a micro-batch with
     more examples than its tables hold is captured again with the next power of two (a handful of captures
-    per run), and the old graph's memory is released, so one set of graph gradients is ever alive.
+    per run), and the old graph's memory is released. ``flat`` holds the module's trainable parameters: each
+    replay adds its gradients, times ``scale``, to their (flat) ``.grad``.
     """
 
     def __init__(self, module: torch.nn.Module, forward: Callable[..., torch.Tensor], device: torch.device,
-                 rows: int, max_len: int, warmup: int = 2):
-        self.module, self.forward, self.device = module, forward, device
+                 rows: int, max_len: int, flat: FlatParameters, warmup: int = 2):
+        self.module, self.forward, self.device, self.flat = module, forward, device, flat
         self.rows, self.max_len, self.warmup = rows, max_len, warmup
         self.tokens = rows * max_len
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.scale = torch.ones((), dtype=torch.float32, device=device)
         self.inputs = {"input_ids": torch.zeros(1, self.tokens, dtype=torch.long, device=device),
                        "labels": torch.full((1, self.tokens), -100, dtype=torch.long, device=device),
                        "position_ids": torch.zeros(1, self.tokens, dtype=torch.long, device=device)}
@@ -99,7 +102,7 @@ class GraphedStep:
 
     def _run(self, g: _Graph) -> torch.Tensor:
         loss = self.forward(self.module, self.inputs, g.lengths, g.cu_seqlens, self.max_len)
-        loss.backward()
+        (loss * self.scale).backward()
         return loss
 
     def _capture(self, batch: dict[str, torch.Tensor], size: int) -> _Graph:
@@ -107,48 +110,31 @@ class GraphedStep:
         g = _Graph(torch.cuda.CUDAGraph(), torch.zeros(size, dtype=torch.int32, device=self.device),
                    torch.zeros(size + 1, dtype=torch.int32, device=self.device))
         self._stage(batch, g)
-        held = [p.grad for p in self.params]  # a step's gradients so far stay out of the warm-up's
-        for p in self.params:
-            p.grad = None
+        held = [gr.clone() for gr in self.flat.grads]  # a step's gradients so far: the warm-up adds to them
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # kernels compile, cuBLAS and allocator warm up outside the capture
             for _ in range(self.warmup):
                 self._run(g)
-                for p in self.params:
-                    p.grad = None
         torch.cuda.current_stream(self.device).wait_stream(side)
         with torch.cuda.graph(g.graph):
             g.loss = self._run(g).detach()
-        g.grads = [p.grad for p in self.params]
-        for p, h in zip(self.params, held, strict=True):
-            p.grad = h
+        torch._foreach_copy_(self.flat.grads, held)
         self.captures += 1
         log.info("captured a training step graph: %d tokens, up to %d examples", self.tokens, size)
         return g
 
     def run(self, batch: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
-        """Forward and backward of ``batch`` (host tensors); the gradients, times ``scale``, land in (or are added
-        to) the parameters' ``.grad``. Returns the unscaled loss (a device tensor)."""
+        """Forward and backward of ``batch`` (host tensors); the gradients, times ``scale``, are added to the
+        parameters' ``.grad``. Returns the unscaled loss (a device tensor)."""
         n = int((batch["position_ids"] == 0).sum())
+        self.scale.fill_(scale)
         g = self.graph
         if g is None or n > len(g.lengths):
             g = self.graph = self._capture(batch, bucket(n))
         else:
             self._stage(batch, g)
         g.graph.replay()
-        have = [p.grad for p in self.params]
-        if all(h is None for h in have):
-            # scale 1 (a step of one micro-batch): the graph's own memory, read by the optimizer step before the
-            # next replay rewrites it; else a scaled copy that later micro-batches add to
-            grads = g.grads if scale == 1.0 else torch._foreach_mul(g.grads, scale)
-            for p, gr in zip(self.params, grads, strict=True):
-                p.grad = gr
-        elif all(h is not None for h in have):
-            torch._foreach_add_(have, g.grads, alpha=scale)
-        else:
-            for p, gr in zip(self.params, g.grads, strict=True):
-                p.grad = gr * scale if p.grad is None else p.grad.add_(gr, alpha=scale)
         return g.loss.clone()
 
 

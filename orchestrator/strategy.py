@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from orchestrator.config import RunConfig
+from orchestrator.flat import FlatParameters
 
 
 class DDPStrategy:
@@ -33,13 +34,15 @@ class DDPStrategy:
     lockstep_forward = False  # True where every forward pass is a collective (ZeRO-3's parameter all-gathers)
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int,
-                 device: torch.device, forward_module: torch.nn.Module | None = None, graphed: bool = False):
+                 device: torch.device, forward_module: torch.nn.Module | None = None,
+                 flat: FlatParameters | None = None):
         import ray.train.torch
 
-        self.cfg, self.core, self.optimizer, self.world = cfg, model, optimizer, world
+        self.cfg, self.core, self.optimizer, self.world, self.flat = cfg, model, optimizer, world, flat
         self.model = forward_module or model
-        # A CUDA-graphed step (train.cuda_graph) runs the bare model; its gradients are all-reduced in step()
-        self.reduce_in_step = world > 1 and graphed
+        # A CUDA-graphed step (train.cuda_graph, with flat parameters) runs the bare model; its gradients are
+        # all-reduced in step()
+        self.reduce_in_step = world > 1 and flat is not None
         if world > 1 and not self.reduce_in_step:
             self.model = ray.train.torch.prepare_model(self.model, move_to_device=False,
                                                        parallel_strategy_kwargs={"find_unused_parameters": False})
@@ -58,37 +61,42 @@ class DDPStrategy:
         """Clip, step, zero grads; returns the gradient norm (a device tensor where the backend leaves one, so
         the loop reads it with the step's other figures in one sync)."""
         if self.reduce_in_step:
-            all_reduce_mean([p.grad for p in self.params if p.grad is not None], self.world)
+            all_reduce_mean(self.flat.grads, self.world)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm or float("inf"))
+        clipped = self.flat.flats if self.flat else self.params  # one norm per flat buffer
+        norm = torch.nn.utils.clip_grad_norm_(clipped, self.cfg.train.max_grad_norm or float("inf"))
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.flat:
+            self.flat.zero_grad()  # the gradients stay views of the flat buffers
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
     def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        return self.flat.state_dict(self.optimizer) if self.flat else self.optimizer.state_dict()
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+        if self.flat:
+            self.flat.load_state_dict(self.optimizer, state)
+        else:
+            self.optimizer.load_state_dict(state)
 
     def full_weights(self):
         return contextlib.nullcontext()
 
 
 def all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
-    """Average gradients over the workers in one collective (one flat buffer), in place."""
+    """Average (flat) gradient buffers over the workers, in place."""
     import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world
-    torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
+    for g in grads:
+        dist.all_reduce(g)
+        g /= world
 
 
 class DeepSpeedStrategy(DDPStrategy):
@@ -112,7 +120,7 @@ class DeepSpeedStrategy(DDPStrategy):
             import deepspeed.ops
 
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        self.cfg, self.core, self.world = cfg, model, world
+        self.cfg, self.core, self.world, self.flat = cfg, model, world, None
         self.stage = 3 if cfg.train.strategy == "deepspeed_zero3" else 2
         self.lockstep_forward = self.stage == 3
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -180,10 +188,10 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict[str, Any]:
 
 def make_strategy(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int,
                   device: torch.device, forward_module: torch.nn.Module | None = None,
-                  graphed: bool = False) -> DDPStrategy:
+                  flat: FlatParameters | None = None) -> DDPStrategy:
     """``model`` is what is saved and evaluated; ``forward_module`` (default: the model) what training
-    forwards go through, e.g. the chunked-loss wrapper of :mod:`orchestrator.loss`; ``graphed``: the steps are
-    replayed CUDA graphs (DDP only), whose gradients the strategy all-reduces itself."""
+    forwards go through, e.g. the chunked-loss wrapper of :mod:`orchestrator.loss`; ``flat``: the trainable
+    parameters' flat buffers of CUDA-graphed steps (DDP only), whose gradients the strategy all-reduces itself."""
     if cfg.train.strategy == "ddp":
-        return DDPStrategy(cfg, model, optimizer, world, device, forward_module, graphed)
+        return DDPStrategy(cfg, model, optimizer, world, device, forward_module, flat)
     return DeepSpeedStrategy(cfg, model, optimizer, world, device, forward_module)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from orchestrator.config import ConfigError, RunConfig, load_config
+from orchestrator.flat import FlatParameters, decay_groups
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,12 @@ def load_state(path: Path) -> Any:
         raise RuntimeError(f"{path}: not a checkpoint this version can load safely ({why})") from e
 
 
-def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter],
+                   flat: FlatParameters | None = None) -> torch.optim.Optimizer:
+    """AdamW over ``params`` (weight decay on matrices only); over ``flat``'s buffers where it steps flat."""
     t = cfg.train
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    parts = flat.optimizer_groups(t.optimizer) if flat else decay_groups(params)
+    groups = [{"params": ps, "weight_decay": t.weight_decay if decays else 0.0} for ps, decays in parts]
     if t.optimizer == "adamw_torch":
         return torch.optim.AdamW(groups, lr=t.lr)
     import bitsandbytes as bnb
@@ -234,18 +236,22 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
             if (Path(d) / optimizer_file(rank)).exists():  # ZeRO: each rank's own partition
                 state["optimizer"] = load_state(Path(d) / optimizer_file(rank))
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    params = [p for p in model.parameters() if p.requires_grad]
+    use_graph = graphed(cfg, backend.name)
+    # A graphed step's host work is mostly the optimizer's per-tensor launches: step flat buffers instead
+    flat = FlatParameters(params) if use_graph else None
+    optimizer = make_optimizer(cfg, params, flat)
     plan = Plan.make(cfg, loop["rows_per_rank"])
     scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
-    use_graph = graphed(cfg, backend.name)
     strategy = make_strategy(cfg, model, optimizer, world, device,
-                             forward_module=backend.training_module(model, cfg), graphed=use_graph)
+                             forward_module=backend.training_module(model, cfg), flat=flat)
     core = strategy.core
     step_graph = None
     if use_graph:
         from orchestrator.step_graph import GraphedStep
 
-        step_graph = GraphedStep(core, backend.graph_forward, device, t.micro_batch_size, cfg.data.max_seq_length)
+        step_graph = GraphedStep(core, backend.graph_forward, device, t.micro_batch_size, cfg.data.max_seq_length,
+                                 flat)
         if rank == 0:
             print("training step: replayed as a CUDA graph (train.cuda_graph)")
     task = make_task(cfg.model.task, tokenizer.pad_token_id, cfg.data.packing, labels)
