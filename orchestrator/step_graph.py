@@ -74,7 +74,8 @@ class GraphedStep:
         self.module, self.forward, self.device, self.flat = module, forward, device, flat
         self.rows, self.max_len, self.warmup = rows, max_len, warmup
         self.tokens = rows * max_len
-        self.scale = torch.ones((), dtype=torch.float32, device=device)
+        self.scale = torch.ones((), dtype=torch.float32, device=device)  # a graph input, set when it changes
+        self.scale_value = 1.0
         self.inputs = {"input_ids": torch.zeros(1, self.tokens, dtype=torch.long, device=device),
                        "labels": torch.full((1, self.tokens), -100, dtype=torch.long, device=device),
                        "position_ids": torch.zeros(1, self.tokens, dtype=torch.long, device=device)}
@@ -128,7 +129,9 @@ class GraphedStep:
         """Forward and backward of ``batch`` (host tensors); the gradients, times ``scale``, are added to the
         parameters' ``.grad``. Returns the unscaled loss (a device tensor)."""
         n = int((batch["position_ids"] == 0).sum())
-        self.scale.fill_(scale)
+        if scale != self.scale_value:
+            self.scale.fill_(scale)
+            self.scale_value = scale
         g = self.graph
         if g is None or n > len(g.lengths):
             g = self.graph = self._capture(batch, bucket(n))
