@@ -87,11 +87,11 @@ class GraphedStep:
         return ("position_ids" in batch and "attention_mask" not in batch
                 and batch["input_ids"].numel() == self.tokens)
 
-    def _stage(self, batch: dict[str, torch.Tensor], g: _Graph) -> None:
-        """Copy a host batch into the static inputs (pinned, non-blocking, ordered before the replay)."""
+    def _stage(self, batch: dict[str, torch.Tensor], lengths: torch.Tensor, g: _Graph) -> None:
+        """Copy a host batch and its examples' lengths into the static inputs (pinned, non-blocking, ordered
+        before the replay)."""
         for k, v in self.inputs.items():
             v.copy_(batch[k].reshape(1, -1).pin_memory(), non_blocking=True)
-        lengths = example_lengths(batch["position_ids"]).to(torch.int32)
         size = len(g.lengths)
         table = torch.zeros(2 * size + 1, dtype=torch.int32)
         table[:len(lengths)] = lengths
@@ -106,11 +106,11 @@ class GraphedStep:
         (loss * self.scale).backward()
         return loss
 
-    def _capture(self, batch: dict[str, torch.Tensor], size: int) -> _Graph:
+    def _capture(self, batch: dict[str, torch.Tensor], lengths: torch.Tensor, size: int) -> _Graph:
         self.graph = None  # the old graph and its pool go first
         g = _Graph(torch.cuda.CUDAGraph(), torch.zeros(size, dtype=torch.int32, device=self.device),
                    torch.zeros(size + 1, dtype=torch.int32, device=self.device))
-        self._stage(batch, g)
+        self._stage(batch, lengths, g)
         held = [gr.clone() for gr in self.flat.grads]  # a step's gradients so far: the warm-up adds to them
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -128,15 +128,16 @@ class GraphedStep:
     def run(self, batch: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of ``batch`` (host tensors); the gradients, times ``scale``, are added to the
         parameters' ``.grad``. Returns the unscaled loss (a device tensor)."""
-        n = int((batch["position_ids"] == 0).sum())
+        lengths = example_lengths(batch["position_ids"]).to(torch.int32)
+        n = len(lengths)
         if scale != self.scale_value:
             self.scale.fill_(scale)
             self.scale_value = scale
         g = self.graph
         if g is None or n > len(g.lengths):
-            g = self.graph = self._capture(batch, bucket(n))
+            g = self.graph = self._capture(batch, lengths, bucket(n))
         else:
-            self._stage(batch, g)
+            self._stage(batch, lengths, g)
         g.graph.replay()
         return g.loss.clone()
 
