@@ -5,7 +5,7 @@
 Loads the model through ``orchestrator.backends`` as a Ray Train worker does with ``train.cuda_graph`` on
 (Unsloth backend, 4-bit NF4 + double quant, LoRA r=16 on every linear layer, torch's checkpointing), gives the
 LoRA weights seeded non-zero values, and builds packed micro-batches the way the data pipeline does
-(``orchestrator.tokenization.pack``: first-fit-decreasing rows of ``--max-len`` slots, position ids restarting
+(``orchestrator.tokenization.pack``: rows of ``--max-len`` slots, position ids restarting
 per example, prompt tokens unlabelled) from examples of 40-300 tokens; one batch of 16-32-token examples holds
 more examples than the first graph's tables (a second, larger capture).
 
@@ -65,8 +65,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--lengths", type=int, nargs=2, default=(40, 300), metavar=("MIN", "MAX"),
+                    help="example lengths in tokens (the long mix: 1028 2052)")
     ap.add_argument("--json")
-    ap.add_argument("--kernels", action="store_true", help="print the device time of two eager steps by kernel")
+    ap.add_argument("--kernels", action="store_true", help="the device time of two graphed steps (optimizer "
+                    "included) by kernel: printed, and in the JSON")
     args = ap.parse_args()
 
     import torch
@@ -92,7 +95,7 @@ def main() -> None:
         for p in params:
             p.copy_((torch.randn(p.shape, generator=g) * 0.01).to(p.dtype))
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
-    data = packed_batches(vocab, 16, args.rows, args.max_len, seed=1)
+    data = packed_batches(vocab, 16, args.rows, args.max_len, seed=1, lengths=tuple(args.lengths))
     short = packed_batches(vocab, 1, args.rows, args.max_len, seed=2, lengths=(16, 32))[0]
     flat = FlatParameters(params)
     graphed = GraphedStep(model, backend.graph_forward, device, args.rows, args.max_len, flat)
@@ -184,15 +187,24 @@ def main() -> None:
         return {"tokens_per_s": round(n_tok / dt, 1), "step_s": round(dt / args.steps, 4),
                 "peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
-    if args.kernels:  # where the device time of two eager steps goes
+    kernels = None
+    if args.kernels:  # where the device time of two graphed optimizer steps goes
         from torch.profiler import ProfilerActivity, profile
 
+        for i in range(2):
+            graphed.run(data[i])
+            opt_step(False)
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(2):
-                eager(data[i])
-                flat.zero_grad()
+                graphed.run(data[i])
+                opt_step(False)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+        rows = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+        kernels = {"total_ms": round(sum(e.self_device_time_total for e in rows) / 2e3, 2),
+                   "by_op_ms": {e.key[:100]: round(e.self_device_time_total / 2e3, 2) for e in rows[:30]
+                                if e.self_device_time_total > 0}}
     results = {"eager": timed(eager), "graph_per_tensor_optimizer": timed(graphed.run, per_tensor=True),
                "graph": timed(graphed.run)}
     results["graph_vs_eager"] = round(results["graph"]["tokens_per_s"] / results["eager"]["tokens_per_s"], 3)
@@ -201,7 +213,8 @@ def main() -> None:
     print(json.dumps(results), flush=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
            "model": args.model, "rows": args.rows, "max_len": args.max_len, "steps": args.steps,
-           "load_s": round(load_s, 1), "captures": graphed.captures, "capacity": len(graphed.graph.lengths), "checks": checks, "results": results}
+           "load_s": round(load_s, 1), "lengths": list(args.lengths), "captures": graphed.captures, "capacity": len(graphed.graph.lengths),
+           "checks": checks, "results": results, "kernels_per_graphed_step": kernels}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -266,6 +266,49 @@ def mfu(tokens_per_s: float, cfg_json: dict, n_params: float, gpu: str, seq: int
     return round(flops_per_token * tokens_per_s / peak, 4)
 
 
+def write_results(args, results: dict, rows: int, cfg_json: dict, gpu: str) -> Path:
+    """Derived figures (MFU, ratios to Unsloth at the same shape, scaling) and the JSON, rewritten after every
+    variant so that a run stopped midway keeps what it measured."""
+    import ray
+    import torch
+
+    n_params = 6.74e9 if cfg_json["hidden_size"] == 4096 else None
+    for v, r in results.items():
+        if "error" in r or "oom" in r:
+            continue
+        seq = r.get("padded_to") or r.get("max_seq_length")
+        per_gpu = r.get("median_tokens_per_s_per_gpu", r.get("median_tokens_per_s"))
+        r["mfu"] = mfu(per_gpu, cfg_json, n_params, gpu, seq) if n_params else None
+        # Unsloth at the same tokens per step: the same shape, else the same slots (rows of 8,192 x 1 vs 2,048 x 4)
+        slots = (seq or 0) * (r.get("micro_batch") or 0)
+        same = results.get(f"unsloth-{seq}x{r.get('micro_batch')}") or next(
+            (pr for k, pr in results.items() if re.fullmatch(r"unsloth-\d+x\d+", k)
+             and pr.get("max_seq_length", 0) * pr.get("micro_batch", 0) == slots), None)
+        if v.startswith("project") and same and "median_tokens_per_s_per_gpu" in same:
+            r["tokens_per_s_vs_unsloth"] = round(per_gpu / same["median_tokens_per_s_per_gpu"], 3)
+            r["peak_allocated_vs_unsloth"] = round(r["peak_allocated_mb"] / same["peak_allocated_mb"], 3)
+        if "baseline" in results:
+            r["tokens_per_s_vs_baseline"] = round(per_gpu / results["baseline"]["median_tokens_per_s"], 3)
+        # scaling efficiency = throughput(n) / (n * throughput(1)), same run, same host; throughput(1): the same
+        # variant on one GPU if it ran, else the run's first 1-GPU project variant (DDP on one GPU is no
+        # wrapper at all)
+        single = [k for k in results if k.startswith("project") and "@" not in k and "error" not in results[k]]
+        ref = v.partition("@")[0] if v.partition("@")[0] in single else (single[0] if single else None)
+        if "@" in v and ref:
+            r["scaling_efficiency"] = round(per_gpu / results[ref]["median_tokens_per_s_per_gpu"], 3)
+            r["scaling_reference"] = ref
+    out = {"command": "python bench/train_gpu.py " + " ".join(sys.argv[1:]), "device": gpu,
+           "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
+               ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+           "host": platform.node(), "gpus": torch.cuda.device_count(), "versions": {"torch": torch.__version__, "ray": ray.__version__},
+           "model": {k: cfg_json[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                               "intermediate_size", "vocab_size")},
+           "mix": args.mix, "examples": rows, "steps": args.steps, "results": results}
+    path = ROOT / f"bench/results/train_gpu_{args.mix}{('_' + args.tag) if args.tag else ''}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -276,7 +319,6 @@ def main() -> None:
     ap.add_argument("--peer-shapes", default=None, help="SEQxBATCH,... for the peers (default: the mix's length "
                     "at micro-batch 4 and 8)")
     args = ap.parse_args()
-    import ray
     import torch
     from transformers import AutoTokenizer
 
@@ -321,38 +363,9 @@ def main() -> None:
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         results[v] = r
         print(json.dumps({v: r}), flush=True)
+        write_results(args, results, len(rows), cfg_json, gpu)
     sampler.stop()
-    n_params = 6.74e9 if cfg_json["hidden_size"] == 4096 else None
-    for v, r in results.items():
-        if "error" in r or "oom" in r:
-            continue
-        seq = r.get("padded_to") or r.get("max_seq_length")
-        per_gpu = r.get("median_tokens_per_s_per_gpu", r.get("median_tokens_per_s"))
-        r["mfu"] = mfu(per_gpu, cfg_json, n_params, gpu, seq) if n_params else None
-        same = results.get(f"unsloth-{seq}x{r.get('micro_batch')}")  # Unsloth at the same tokens per step
-        if v.startswith("project") and same and "median_tokens_per_s_per_gpu" in same:
-            r["tokens_per_s_vs_unsloth"] = round(per_gpu / same["median_tokens_per_s_per_gpu"], 3)
-            r["peak_allocated_vs_unsloth"] = round(r["peak_allocated_mb"] / same["peak_allocated_mb"], 3)
-        if "baseline" in results:
-            r["tokens_per_s_vs_baseline"] = round(per_gpu / results["baseline"]["median_tokens_per_s"], 3)
-        # scaling efficiency = throughput(n) / (n * throughput(1)), same run, same host; throughput(1): the same
-        # variant on one GPU if it ran, else the run's first 1-GPU project variant (DDP on one GPU is no
-        # wrapper at all)
-        single = [k for k in results if k.startswith("project") and "@" not in k and "error" not in results[k]]
-        ref = v.partition("@")[0] if v.partition("@")[0] in single else (single[0] if single else None)
-        if "@" in v and ref:
-            r["scaling_efficiency"] = round(per_gpu / results[ref]["median_tokens_per_s_per_gpu"], 3)
-            r["scaling_reference"] = ref
-    out = {"command": "python bench/train_gpu.py " + " ".join(sys.argv[1:]), "device": gpu,
-           "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
-               ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
-           "host": platform.node(), "gpus": torch.cuda.device_count(), "versions": {"torch": torch.__version__, "ray": ray.__version__},
-           "model": {k: cfg_json[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                               "intermediate_size", "vocab_size")},
-           "mix": args.mix, "examples": len(rows), "steps": args.steps, "results": results}
-    path = ROOT / f"bench/results/train_gpu_{args.mix}{('_' + args.tag) if args.tag else ''}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_results(args, results, len(rows), cfg_json, gpu)}")
 
 
 if __name__ == "__main__":

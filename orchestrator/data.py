@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 PAGES_PER_TASK = 16
-PACK_WINDOW = 512  # examples packed together (first-fit decreasing within a window)
+PACK_WINDOW = 512  # examples packed together (tokenization.fill_rows within a window)
 
 
 @dataclass

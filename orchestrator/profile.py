@@ -2,7 +2,8 @@
 
 Writes RUN_DIR/profile/trace.json (Chrome trace, open in Perfetto) and summary.json: the device's busy fraction
 over the profiled steps (union of kernel intervals over their wall time), the longest idle gaps with the host
-operation that was running when each began, and the operations that took the most host time.
+operation that was running when each began, the operations that took the most host time, and the kernels that
+took the most device time.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class StepProfiler:
 
 
 def summarize_trace(trace: dict[str, Any], top: int = 12) -> dict[str, Any]:
-    """Device busy fraction over the marked steps, the longest idle gaps, and the costliest host operations."""
+    """Device busy fraction over the marked steps, the longest idle gaps, the costliest host operations and the
+    costliest kernels (device time summed by name)."""
     events = trace.get("traceEvents", [])
     steps = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("optimizer_step_")
              and e.get("cat") == "user_annotation"]
@@ -68,8 +70,13 @@ def summarize_trace(trace: dict[str, Any], top: int = 12) -> dict[str, Any]:
         return {"steps": 0, "wall_ms": 0.0, "device_busy_fraction": None}
     t0 = min(e["ts"] for e in steps)
     t1 = max(e["ts"] + e["dur"] for e in steps)
-    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X"
-                     and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and t0 <= e["ts"] <= t1)
+    device = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+              and t0 <= e["ts"] <= t1]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in device)
+    by_kernel: dict[str, float] = {}
+    for e in device:
+        name = str(e.get("name", ""))[:120]
+        by_kernel[name] = by_kernel.get(name, 0.0) + e["dur"]
     busy, gaps, end = 0.0, [], t0
     for s, f in kernels:
         if s > end:
@@ -93,4 +100,6 @@ def summarize_trace(trace: dict[str, Any], top: int = 12) -> dict[str, Any]:
         "longest_gaps": [{"ms": round(g / 1e3, 3), "host_op": running_at(at)}
                          for g, at in sorted(gaps, reverse=True)[:top]],
         "host_ops_inclusive_ms": {k: round(v / 1e3, 2) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]},
+        "kernel_ms_total": round(sum(by_kernel.values()) / 1e3, 2),
+        "kernels_ms": {k: round(v / 1e3, 2) for k, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:2 * top]},
     }

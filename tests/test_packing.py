@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.tokenization import IGNORE, encode_qa, pack, pad_batch
+from orchestrator.tokenization import IGNORE, encode_qa, fill_rows, pack, pad_batch
 
 
 def _examples(tok, n=12):
@@ -30,6 +30,19 @@ def test_pack_never_crosses_example_boundaries(tiny_tokenizer):
         pad = r["seq_ids"] == -1
         assert (r["labels"][pad] == IGNORE).all()
     assert sorted(seen) == sorted((tuple(e["input_ids"]), tuple(e["labels"])) for e in examples)
+
+
+def test_rows_fill_to_the_last_slot_where_first_fit_decreasing_leaves_gaps():
+    lengths = [5, 4, 3, 3, 3, 2]  # first-fit decreasing: [5, 4] [3, 3, 3] [2], three rows for 20 tokens
+    rows = fill_rows(lengths, 10)
+    assert sorted(sum(lengths[i] for i in r) for r in rows) == [10, 10]
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    rng = np.random.default_rng(0)  # 400 documents of 1-2k tokens into rows of 8,192: 95% full first-fit
+    docs = [int(n) for n in rng.integers(1028, 2053, 400)]
+    rows = fill_rows(docs, 8192)
+    assert all(sum(docs[i] for i in r) <= 8192 for r in rows)
+    assert sorted(i for r in rows for i in r) == list(range(len(docs)))
+    assert sum(docs) / (len(rows) * 8192) > 0.99
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
