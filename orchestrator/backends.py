@@ -238,10 +238,11 @@ class UnslothBackend(Backend):
     def training_module(self, model, cfg):
         return model  # Unsloth computes its chunked cross-entropy itself
 
-    def graph_forward(self, module, inputs, lengths, cu_seqlens, max_len):
+    def graph_forward(self, module, inputs, lengths, cu_seqlens, longest):
         """A flattened packed row's loss with its example boundaries as device tables (CUDA-graph safe): Unsloth's
-        per-device caches of packed metadata are seeded with them, so no layer reads lengths on the host; the
-        longest example is taken to be ``max_len`` and zero-length examples are no-ops for flash attention."""
+        per-device caches of packed metadata are seeded with them, so no layer reads lengths on the host; flash
+        attention is told ``longest`` as the bound on an example's length, and zero-length examples are no-ops
+        for it."""
         from unsloth.utils import packing
 
         from orchestrator.step_graph import ChunkedCrossEntropy
@@ -249,10 +250,10 @@ class UnslothBackend(Backend):
         dev = lengths.device
         if self.offload:
             self.offload.begin()
-        packing._PACKED_INFO_CACHE[dev] = {"seq_lengths": lengths, "result": (lengths, cu_seqlens, max_len),
+        packing._PACKED_INFO_CACHE[dev] = {"seq_lengths": lengths, "result": (lengths, cu_seqlens, longest),
                                            "inference": False}
         packing._PADDED_CU_SEQLENS_CACHE[dev] = {"cu_seqlens": cu_seqlens, "total": inputs["input_ids"].numel(),
-                                                 "result": (cu_seqlens, max_len), "inference": False}
+                                                 "result": (cu_seqlens, longest), "inference": False}
         labels = packing.mask_packed_boundary_labels(inputs["labels"], lengths)  # each example's first label
         shifted = torch.full_like(labels, -100)
         shifted[:, :-1] = labels[:, 1:]

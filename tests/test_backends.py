@@ -55,7 +55,32 @@ def test_graphed_step_reads_example_boundaries_from_positions_and_buckets_them()
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1, 0, 1]])
     assert example_lengths(pos).tolist() == [3, 2, 4, 5, 2, 2]  # the same boundaries the eager path sends
-    assert [bucket(n) for n in (1, 32, 33, 84)] == [32, 32, 64, 128]
+    assert [bucket(n) for n in (1, 8, 9, 32, 33, 84)] == [8, 8, 16, 32, 64, 128]
+
+
+def test_each_micro_batch_replays_the_smallest_graph_that_fits_and_captures_stay_few():
+    from orchestrator.step_graph import choose_graph, length_bound
+
+    assert [length_bound(n, 8192) for n in (1, 1024, 1025, 2052, 8192)] == [1024, 1024, 2048, 3072, 8192]
+    assert [length_bound(n, 512) for n in (1, 129, 512)] == [128, 256, 512]
+    assert choose_graph([(8, 3072)], (8, 3072), 2) == ((8, 3072), None)  # made for this shape
+    assert choose_graph([(8, 3072)], (16, 2048), 2) == ((16, 2048), None)  # room for one more
+    kept = [(16, 2048), (8, 3072)]  # full: the cheapest that fits, or a new one in place of the oldest
+    assert choose_graph(kept, (8, 2048), 2) == ((8, 3072), None)  # 8 x 3072 < 16 x 2048
+    assert choose_graph(kept + [(512, 8192)], (8, 1024), 3) == ((8, 3072), None)
+    assert choose_graph(kept, (32, 1024), 2) == ((32, 1024), (16, 2048))
+    captures, have = 0, []
+    for need in [(8, 2048), (16, 3072), (8, 3072), (16, 2048), (8, 1024)] * 20:  # a long run cycling shapes
+        key, evict = choose_graph(have, need, 2)
+        if evict:
+            have.remove(evict)
+        if key not in have:
+            captures += 1
+        else:
+            have.remove(key)
+        have.append(key)
+        assert key[0] >= need[0] and key[1] >= need[1]
+    assert captures == 2
 
 
 def test_the_graphed_steps_chunked_loss_equals_cross_entropy_and_its_gradients():
