@@ -10,6 +10,8 @@ per example, prompt tokens unlabelled) from examples of 40-300 tokens; one batch
 more examples than the first graph's tables (a second, larger capture).
 
 1. Same batch, eager vs replayed: the loss and every LoRA gradient (relative error and cosine similarity),
+   the eager step recomputing whole layers (Unsloth's MLP), the replay skipping the MLP's output when it
+   recomputes a layer (``backends.skip_mlp_output_in_recompute``),
    for the first capture, a replay, a replay after an eager step of another batch, the second bucket, and two
    micro-batches accumulated with scale 1/2.
    Then three paged AdamW steps over the flat parameter buffers (``orchestrator.flat``) against bitsandbytes
@@ -100,10 +102,19 @@ def main() -> None:
     flat = FlatParameters(params)
     graphed = GraphedStep(model, backend.graph_forward, device, args.rows, args.max_len, flat)
 
+    from unsloth.kernels import fast_lora  # the reference recomputes the whole layer, as Unsloth's MLP does
+
+    skipping = fast_lora.LoRA_MLP
+    full = skipping.__mro__[1] if getattr(skipping, "_skips_output_in_recompute", False) else skipping
+
     def eager(batch, scale=1.0):
         inputs = backend.to_device(batch, device)
-        loss = backend.forward(model, {k: v for k, v in inputs.items() if k != "num_tokens"}).loss
-        (loss * scale).backward()
+        fast_lora.LoRA_MLP = full
+        try:
+            loss = backend.forward(model, {k: v for k, v in inputs.items() if k != "num_tokens"}).loss
+            (loss * scale).backward()
+        finally:
+            fast_lora.LoRA_MLP = skipping
         return loss.detach()
 
     def take_grads():

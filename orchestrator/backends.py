@@ -210,6 +210,8 @@ class UnslothBackend(Backend):
             inner = model.base_model.model
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
             self.offload = ActivationOffload(device)
+            if skip_mlp_output_in_recompute():
+                log.info("checkpointed layers skip the MLP's down projection when recomputed for the backward")
             for module in inner.modules():
                 if hasattr(module, "_gradient_checkpointing_func"):
                     module._gradient_checkpointing_func = self.offload.checkpoint
@@ -302,6 +304,59 @@ def flash_varlen_for_packed_rows() -> bool:
     ad._TORCH_VARLEN_ATTN = varlen_attn
     ad._LEAN_VARLEN = True
     ad._varlen_can_use_cudnn = lambda *args, **kwargs: False
+    return True
+
+
+def skip_mlp_output_in_recompute() -> bool:
+    """A checkpointed layer is run again in the backward only to rebuild what its backward reads. Its last
+    operation, the MLP's down projection (a third of the layer's matmul work), feeds nothing but the layer's
+    output, whose value that backward never reads: its gradient arrives from the layer above. So while a layer
+    is recomputed (``step_graph.Recompute``) Unsloth's fused LoRA MLP computes and saves the gate and up
+    projections as it always does, skips the down projection and returns an unfilled tensor of the output's
+    shape; its backward is Unsloth's own and reads only what was saved. Anything but the plain (no dropout, no
+    bias) MLP runs Unsloth's forward unchanged. No-op where Unsloth's fused MLP differs from the pinned one."""
+    import inspect
+
+    try:
+        from unsloth.kernels import fast_lora as fl
+    except ImportError:
+        return False
+    original = getattr(fl, "LoRA_MLP", None)
+    names = ["ctx", "X", "gateW", "gateW_quant", "gateA", "gateB", "gateS", "upW", "upW_quant", "upA", "upB", "upS",
+             "downW", "downW_quant", "downA", "downB", "downS", "_forward_function", "_backward_function",
+             "inplace", "dropout_p", "gateBias", "upBias", "downBias"]
+    if original is None or getattr(original, "_skips_output_in_recompute", False) or not all(
+            hasattr(fl, a) for a in ("matmul_lora", "_rms_layernorm", "_may_overwrite_input", "torch_amp_custom_fwd")) \
+            or list(inspect.signature(original.forward).parameters) != names:
+        return False
+    from orchestrator.step_graph import Recompute
+
+    unsloth_forward = inspect.unwrap(original.forward)
+
+    class LoRAMLP(original):
+        _skips_output_in_recompute = True
+
+        @staticmethod
+        @fl.torch_amp_custom_fwd
+        def forward(ctx, X, gateW, gateW_quant, gateA, gateB, gateS, upW, upW_quant, upA, upB, upS, downW, downW_quant,
+                    downA, downB, downS, _forward_function, _backward_function, inplace=True, dropout_p=None,
+                    gateBias=None, upBias=None, downBias=None):
+            if not Recompute.active or dropout_p is not None or any(b is not None for b in (gateBias, upBias, downBias)):
+                return unsloth_forward(ctx, X, gateW, gateW_quant, gateA, gateB, gateS, upW, upW_quant, upA, upB, upS,
+                                       downW, downW_quant, downA, downB, downS, _forward_function,
+                                       _backward_function, inplace, dropout_p, gateBias, upBias, downBias)
+            e = fl.matmul_lora(X, gateW, gateW_quant, gateA, gateB, gateS)  # as Unsloth's plain path saves them
+            g = fl.matmul_lora(X, upW, upW_quant, upA, upB, upS)
+            ctx.custom_saved_tensors = (gateW, gateW_quant, gateS, upW, upW_quant, upS, downW, downW_quant, downS,
+                                        _backward_function)
+            ctx.save_for_backward(gateA, gateB, upA, upB, downA, downB, X, e, g, None, None, None)
+            ctx.inplace = inplace and (not fl._rms_layernorm._SAVE_OUTPUT or fl._may_overwrite_input(X))
+            ctx.dropout_p = (0.0, 0.0, 0.0)
+            ctx.biases = (False, False, False)
+            ctx.global_buffer = True
+            return torch.empty_like(X)  # the MLP maps the hidden size to itself; never read
+
+    fl.LoRA_MLP = LoRAMLP
     return True
 
 

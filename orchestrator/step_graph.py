@@ -70,6 +70,15 @@ def length_bound(longest: int, max_len: int) -> int:
 GraphKey = tuple[int, int]  # (example capacity, longest-example bound)
 
 
+@dataclass
+class Staged:
+    """A host micro-batch made ready for a replay ahead of time (``GraphedStep.prepare``): its examples' lengths
+    and pinned copies of its inputs, so that only the copies to the device and the replay are left."""
+    batch: dict[str, torch.Tensor]
+    lengths: torch.Tensor
+    pinned: dict[str, torch.Tensor]
+
+
 def choose_graph(have: list[GraphKey], need: GraphKey, limit: int) -> tuple[GraphKey, GraphKey | None]:
     """Which graph a micro-batch replays: ``(key, None)`` replays a kept graph, ``(need, evict)`` captures a new
     one (dropping ``evict`` when ``limit`` graphs are kept). The graph made for this shape if there is one; a new
@@ -115,12 +124,18 @@ class GraphedStep:
         return ("position_ids" in batch and "attention_mask" not in batch
                 and batch["input_ids"].numel() == self.tokens)
 
-    def _stage(self, batch: dict[str, torch.Tensor], lengths: torch.Tensor, g: _Graph) -> None:
-        """Copy a host batch and its examples' lengths into the static inputs (pinned, non-blocking, ordered
-        before the replay)."""
+    def prepare(self, batch: dict[str, torch.Tensor]) -> Staged:
+        """The host's share of a replay, done early: the loop prepares the next step's first micro-batch while
+        the device still runs this step, so the device idles only for a few launches between steps."""
+        return Staged(batch, example_lengths(batch["position_ids"]).to(torch.int32),
+                      {k: batch[k].reshape(1, -1).pin_memory() for k in self.inputs})
+
+    def _stage(self, staged: Staged, g: _Graph) -> None:
+        """Copy a prepared batch and its examples' lengths into the graph's inputs (non-blocking, ordered before
+        the replay)."""
         for k, v in self.inputs.items():
-            v.copy_(batch[k].reshape(1, -1).pin_memory(), non_blocking=True)
-        size = len(g.lengths)
+            v.copy_(staged.pinned[k], non_blocking=True)
+        lengths, size = staged.lengths, len(g.lengths)
         table = torch.zeros(2 * size + 1, dtype=torch.int32)
         table[:len(lengths)] = lengths
         table[size + 1:size + 1 + len(lengths)] = torch.cumsum(lengths, 0)
@@ -134,11 +149,11 @@ class GraphedStep:
         (loss * self.scale).backward()
         return loss
 
-    def _capture(self, batch: dict[str, torch.Tensor], lengths: torch.Tensor, key: GraphKey) -> _Graph:
+    def _capture(self, staged: Staged, key: GraphKey) -> _Graph:
         size, longest = key
         g = _Graph(torch.cuda.CUDAGraph(), torch.zeros(size, dtype=torch.int32, device=self.device),
                    torch.zeros(size + 1, dtype=torch.int32, device=self.device), longest)
-        self._stage(batch, lengths, g)
+        self._stage(staged, g)
         held = [gr.clone() for gr in self.flat.grads]  # a step's gradients so far: the warm-up adds to them
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -155,22 +170,22 @@ class GraphedStep:
                  longest)
         return g
 
-    def run(self, batch: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
-        """Forward and backward of ``batch`` (host tensors); the gradients, times ``scale``, are added to the
-        parameters' ``.grad``. Returns the unscaled loss (a device tensor)."""
-        lengths = example_lengths(batch["position_ids"]).to(torch.int32)
+    def run(self, batch: dict[str, torch.Tensor] | Staged, scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of ``batch`` (host tensors, or prepared); the gradients, times ``scale``, are added
+        to the parameters' ``.grad``. Returns the unscaled loss (a device tensor)."""
+        staged = batch if isinstance(batch, Staged) else self.prepare(batch)
         if scale != self.scale_value:
             self.scale.fill_(scale)
             self.scale_value = scale
-        need = (bucket(len(lengths)), length_bound(int(lengths.max()), self.max_len))
+        need = (bucket(len(staged.lengths)), length_bound(int(staged.lengths.max()), self.max_len))
         key, evict = choose_graph(list(self.graphs), need, self.max_graphs)
         if evict is not None:
             del self.graphs[evict]
         g = self.graphs.pop(key, None)
         if g is None:
-            g = self._capture(batch, lengths, key)
+            g = self._capture(staged, key)
         else:
-            self._stage(batch, lengths, g)
+            self._stage(staged, g)
         self.graphs[key] = g  # most recently used last
         g.graph.replay()
         return g.loss.clone()
@@ -178,24 +193,41 @@ class GraphedStep:
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 ignored), ``chunk`` tokens at a time,
-    in fixed shapes (CUDA-graph safe): at most one chunk's fp32 logits are alive, in the forward and in the
-    backward, which recomputes them. ``hidden`` [T, H], ``weight`` [V, H] (the LM head), ``labels`` [T]."""
+    in fixed shapes (CUDA-graph safe): at most one chunk's fp32 logits are alive. ``hidden`` [T, H], ``weight``
+    [V, H] (the LM head), ``labels`` [T]. With a frozen head (LoRA) the gradient for ``hidden`` is computed in
+    the forward, from the logits it has anyway, and kept in place of ``hidden``: the backward only scales it
+    (no second pass through the head). A trained head keeps ``hidden`` and recomputes each chunk's logits."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
         keep = labels != -100
         n = keep.sum().clamp_min(1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        early = not weight.requires_grad
+        d_hidden = torch.empty_like(hidden) if early else None
         for s in range(0, hidden.shape[0], chunk):
+            lab = labels[s:s + chunk]
             logits = (hidden[s:s + chunk] @ weight.t()).float()
-            target = logits.gather(1, labels[s:s + chunk].clamp_min(0)[:, None])[:, 0]
-            total += ((torch.logsumexp(logits, -1) - target) * keep[s:s + chunk]).sum()
-        ctx.save_for_backward(hidden, weight, labels, n)
-        ctx.chunk = chunk
+            lse = torch.logsumexp(logits, -1)
+            target = logits.gather(1, lab.clamp_min(0)[:, None])[:, 0]
+            total += ((lse - target) * keep[s:s + chunk]).sum()
+            if early:  # d(loss)/d(logits) = (softmax - one-hot) / n on labelled tokens
+                p = logits.sub_(lse[:, None]).exp_()
+                p.scatter_add_(1, lab.clamp_min(0)[:, None], torch.full_like(p[:, :1], -1.0))
+                p *= (keep[s:s + chunk] / n)[:, None]
+                d_hidden[s:s + chunk] = p.to(hidden.dtype) @ weight
+        if early:
+            ctx.save_for_backward(d_hidden)
+        else:
+            ctx.save_for_backward(hidden, weight, labels, n)
+        ctx.chunk, ctx.early = chunk, early
         return total / n
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if ctx.early:
+            (d_hidden,) = ctx.saved_tensors
+            return d_hidden * grad.to(d_hidden.dtype), None, None, None
         hidden, weight, labels, n = ctx.saved_tensors
         d_hidden = torch.empty_like(hidden)
         d_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -209,6 +241,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if d_weight is not None:
                 d_weight += (p.t() @ h).float()
         return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None
+
+
+class Recompute:
+    """``active`` while a checkpointed layer runs again for its backward: an operation whose output feeds only the
+    layer's output may skip its work then (``backends.skip_mlp_output_in_recompute``)."""
+
+    active = False
 
 
 class _Offloaded(torch.autograd.Function):
@@ -225,8 +264,12 @@ class _Offloaded(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         hidden = ctx.offload.load(ctx.index).requires_grad_(True)
-        with torch.enable_grad():
-            out = ctx.run(hidden)
+        Recompute.active = True
+        try:
+            with torch.enable_grad():
+                out = ctx.run(hidden)
+        finally:
+            Recompute.active = False
         torch.autograd.backward(out[0] if ctx.tuple else out, grad)
         return None, None, hidden.grad
 

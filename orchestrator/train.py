@@ -204,6 +204,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from orchestrator.data import load_tokenizer, micro_batches
     from orchestrator.model import param_counts
     from orchestrator.profile import StepProfiler
+    from orchestrator.step_graph import Staged
     from orchestrator.strategy import make_strategy
     from orchestrator.tasks import EvalAccumulator, count_real_tokens, make_task
 
@@ -347,6 +348,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     profiler = StepProfiler(t.profile_steps, run_dir / "profile", rank == 0)
     t_window, tok_window, wait_window = time.perf_counter(), 0, 0.0
     pending: dict[str, Any] | None = None  # the previous step, recorded once this step's work is queued
+    ahead: Any = None  # the next micro-batch, fetched (and prepared for the graph) before the optimizer step
     while step < plan.total_steps:
         batches = iter(micro_batches(train_shard, t.micro_batch_size, task.collate, t.seed + epoch,
                                      "cpu" if backend.host_batches else device, group_by_length))
@@ -361,10 +363,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             tokens = torch.zeros((), dtype=torch.int64, device=device)
             for k in range(n_micro):
                 t_wait = time.perf_counter()
-                batch = next(batches)  # time blocked here: the device waits for data
+                batch, ahead = ahead or next(batches), None  # time blocked here: the device waits for data
                 wait_window += time.perf_counter() - t_wait
-                if step_graph and step_graph.accepts(batch):  # forward and backward in one replayed CUDA graph
-                    loss = step_graph.run(batch, scale=1 / n_micro) / n_micro
+                if isinstance(batch, Staged) or (step_graph and step_graph.accepts(batch)):
+                    loss = step_graph.run(batch, scale=1 / n_micro) / n_micro  # one replayed CUDA graph
+                    batch = batch.batch if isinstance(batch, Staged) else batch
                 else:
                     batch = backend.to_device(batch, device)
                     with strategy.accumulating(last=k == n_micro - 1), autocast(cfg, device, backend.autocast):
@@ -377,6 +380,12 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 record(pending)
                 pending = None
             micro_done += n_micro
+            if step_graph and micro_done < plan.micro_per_epoch and step + 1 < plan.total_steps:
+                # the next step's first micro-batch made ready while the device still runs this one's backward
+                t_wait = time.perf_counter()
+                ahead = next(batches)
+                wait_window += time.perf_counter() - t_wait
+                ahead = step_graph.prepare(ahead) if step_graph.accepts(ahead) else ahead
             grad_norm = strategy.step()  # clip, optimizer step, zero grads
             scheduler.step()
             step += 1

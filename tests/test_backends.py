@@ -98,6 +98,11 @@ def test_the_graphed_steps_chunked_loss_equals_cross_entropy_and_its_gradients()
     assert torch.allclose(got.double(), ref, atol=1e-6)
     for a, b in zip(got_grads, ref_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+    frozen = weight.detach()  # a LoRA run's head: the gradient for the hidden states comes from the forward
+    got = ChunkedCrossEntropy.apply(hidden, frozen, labels, 8)
+    (got_hidden,) = torch.autograd.grad(got * 3.0, (hidden,))  # the upstream gradient scales it
+    assert torch.allclose(got.double(), ref, atol=1e-6)
+    assert torch.allclose(got_hidden, 3.0 * ref_grads[0], atol=1e-6)
     none = ChunkedCrossEntropy.apply(hidden, weight, torch.full_like(labels, -100), 8)
     assert none.item() == 0.0  # nothing labelled: a zero loss, not 0 / 0
 
