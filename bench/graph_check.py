@@ -10,8 +10,9 @@ per example, prompt tokens unlabelled) from examples of 40-300 tokens; one batch
 more examples than the first graph's tables (a second, larger capture).
 
 1. Same batch, eager vs replayed: the loss and every LoRA gradient (relative error and cosine similarity),
-   the eager step recomputing whole layers (Unsloth's MLP), the replay skipping the MLP's output when it
-   recomputes a layer (``backends.skip_mlp_output_in_recompute``),
+   the eager step recomputing whole layers (Unsloth's MLP and flash attention), the replay skipping the MLP's
+   output and reusing flash attention's output when it recomputes a layer (``backends.skip_mlp_output_in_recompute``,
+   ``backends.stash_attention_in_recompute``),
    for the first capture, a replay, a replay after an eager step of another batch, the second bucket, and two
    micro-batches accumulated with scale 1/2.
    Then three paged AdamW steps over the flat parameter buffers (``orchestrator.flat``) against bitsandbytes
@@ -102,19 +103,22 @@ def main() -> None:
     flat = FlatParameters(params)
     graphed = GraphedStep(model, backend.graph_forward, device, args.rows, args.max_len, flat)
 
-    from unsloth.kernels import fast_lora  # the reference recomputes the whole layer, as Unsloth's MLP does
+    # the reference recomputes whole layers with Unsloth's own functions
+    from unsloth.kernels import fast_lora
+    from unsloth.utils import attention_dispatch
 
-    skipping = fast_lora.LoRA_MLP
-    full = skipping.__mro__[1] if getattr(skipping, "_skips_output_in_recompute", False) else skipping
+    ours = fast_lora.LoRA_MLP, attention_dispatch._LeanFlashVarlen
+    unsloths = tuple(c.__mro__[1] if getattr(c, "_skips_output_in_recompute", False) or getattr(c, "_stashes", False)
+                     else c for c in ours)
 
     def eager(batch, scale=1.0):
         inputs = backend.to_device(batch, device)
-        fast_lora.LoRA_MLP = full
+        fast_lora.LoRA_MLP, attention_dispatch._LeanFlashVarlen = unsloths
         try:
             loss = backend.forward(model, {k: v for k, v in inputs.items() if k != "num_tokens"}).loss
             (loss * scale).backward()
         finally:
-            fast_lora.LoRA_MLP = skipping
+            fast_lora.LoRA_MLP, attention_dispatch._LeanFlashVarlen = ours
         return loss.detach()
 
     def take_grads():

@@ -212,6 +212,8 @@ class UnslothBackend(Backend):
             self.offload = ActivationOffload(device)
             if skip_mlp_output_in_recompute():
                 log.info("checkpointed layers skip the MLP's down projection when recomputed for the backward")
+            if stash_attention_in_recompute():
+                log.info("checkpointed layers keep flash attention's output for their recomputation")
             for module in inner.modules():
                 if hasattr(module, "_gradient_checkpointing_func"):
                     module._gradient_checkpointing_func = self.offload.checkpoint
@@ -304,6 +306,55 @@ def flash_varlen_for_packed_rows() -> bool:
     ad._TORCH_VARLEN_ATTN = varlen_attn
     ad._LEAN_VARLEN = True
     ad._varlen_can_use_cudnn = lambda *args, **kwargs: False
+    return True
+
+
+def stash_attention_in_recompute() -> bool:
+    """Flash attention's output and log-sum-exp from a checkpointed layer's first run, kept for its
+    recomputation (on the host meanwhile, ``step_graph.ActivationOffload.attach``), so that the recomputation
+    skips the attention forward; the backward is Unsloth's own flash-attention backward, reading what it always
+    reads. Runs outside a checkpointed layer (evaluation, eager steps without ``train.cuda_graph``) are
+    unchanged. No-op where Unsloth's flash varlen function differs from the pinned one."""
+    import inspect
+
+    try:
+        from unsloth.utils import attention_dispatch as ad
+    except ImportError:
+        return False
+    original = getattr(ad, "_LeanFlashVarlen", None)
+    names = ["ctx", "query", "key", "value", "cu_seqlens", "max_seqlen", "is_causal", "scale", "window_left",
+             "window_right"]
+    if original is None or getattr(original, "_stashes", False) \
+            or list(inspect.signature(original.forward).parameters) != names:
+        return False
+    from orchestrator.step_graph import Recompute
+
+    class StashedFlashVarlen(original):
+        _stashes = True
+
+        @staticmethod
+        def forward(ctx, query, key, value, cu_seqlens, max_seqlen, is_causal, scale, window_left, window_right):
+            offload = Recompute.offload
+            if offload is None:
+                return original.forward(ctx, query, key, value, cu_seqlens, max_seqlen, is_causal, scale,
+                                        window_left, window_right)
+            if Recompute.active:
+                out, lse = offload.take(), offload.take()
+                seed, offset = offload.philox[offload.current]
+            else:
+                out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+                    query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, is_causal,
+                    return_debug_mask=False, scale=scale, window_size_left=window_left,
+                    window_size_right=window_right)
+                offload.attach(out)
+                offload.attach(lse)
+                offload.philox[offload.current] = (seed, offset)  # unused without dropout; kept as Unsloth does
+            ctx.save_for_backward(query, key, value, cu_seqlens, out, lse, seed, offset)
+            ctx.max_seqlen, ctx.is_causal, ctx.scale = max_seqlen, is_causal, scale
+            ctx.window = (window_left, window_right)
+            return out
+
+    ad._LeanFlashVarlen = StashedFlashVarlen
     return True
 
 

@@ -244,10 +244,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 class Recompute:
-    """``active`` while a checkpointed layer runs again for its backward: an operation whose output feeds only the
-    layer's output may skip its work then (``backends.skip_mlp_output_in_recompute``)."""
+    """While a checkpointed layer runs (``offload``: its ``ActivationOffload``; ``active``: run again for its
+    backward), an operation may keep a tensor of the first run for the second (``ActivationOffload.attach`` /
+    ``take``: flash attention's output, ``backends.stash_attention_in_recompute``) or, when its output feeds only
+    the layer's output, skip its work in the second (``backends.skip_mlp_output_in_recompute``)."""
 
     active = False
+    offload: ActivationOffload | None = None
 
 
 class _Offloaded(torch.autograd.Function):
@@ -256,41 +259,54 @@ class _Offloaded(torch.autograd.Function):
     @staticmethod
     def forward(ctx, offload: ActivationOffload, run: Callable, hidden: torch.Tensor) -> torch.Tensor:
         ctx.offload, ctx.run, ctx.index = offload, run, offload.save(hidden)
-        with torch.no_grad():
-            out = run(hidden)
+        Recompute.offload, offload.current = offload, ctx.index
+        try:
+            with torch.no_grad():
+                out = run(hidden)
+        finally:
+            Recompute.offload = None
         ctx.tuple = isinstance(out, tuple)
         return out[0] if ctx.tuple else out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        hidden = ctx.offload.load(ctx.index).requires_grad_(True)
-        Recompute.active = True
+        offload = ctx.offload
+        hidden = offload.load(ctx.index).requires_grad_(True)
+        Recompute.active, Recompute.offload, offload.current, offload.taken = True, offload, ctx.index, 0
         try:
             with torch.enable_grad():
                 out = ctx.run(hidden)
         finally:
-            Recompute.active = False
+            Recompute.active, Recompute.offload = False, None
         torch.autograd.backward(out[0] if ctx.tuple else out, grad)
         return None, None, hidden.grad
+
+
+Key = tuple[int, int]  # (layer, part): part 0 the layer's input, then what its first run attached
 
 
 class ActivationOffload:
     """Gradient checkpointing that parks each layer's input in a pinned host buffer, CUDA-graph safe.
 
-    The buffers (one per layer) live as long as the model, so a captured step's copies replay to and from the
-    same addresses. Forward: each layer's input is copied to the host on a side stream while the layer runs;
-    the device copy is released once that copy is done. Backward: a layer's input comes back just before its
-    recomputation, and the next layer down's is prefetched on the side stream meanwhile. Device memory holds
-    two layer inputs at a time instead of one per layer (Unsloth's offloaded checkpointing does the same with
-    host buffers it picks per call, which a graph cannot replay)."""
+    The buffers (one per layer and part) live as long as the model, so a captured step's copies replay to and
+    from the same addresses. Forward: each layer's input (and whatever its run ``attach``es) is copied to the
+    host on a side stream while the layer runs; the device copies are released once those copies are done.
+    Backward: a layer's parts come back just before its recomputation, and the next layer down's are prefetched
+    on the side stream meanwhile. Device memory holds two layers' parts at a time instead of one per layer
+    (Unsloth's offloaded checkpointing does the same with host buffers it picks per call, which a graph cannot
+    replay)."""
 
     def __init__(self, device: torch.device):
         self.device, self.side = device, torch.cuda.Stream(device)
-        self.slots: list[torch.Tensor] = []
-        self.shapes: dict[int, torch.Size] = {}
-        self.copying: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
-        self.fetched: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
-        self.count = 0
+        self.slots: dict[Key, torch.Tensor] = {}
+        self.shapes: dict[Key, torch.Size] = {}
+        self.copying: dict[Key, tuple[torch.cuda.Event, torch.Tensor]] = {}
+        self.fetched: dict[Key, tuple[torch.cuda.Event, torch.Tensor]] = {}
+        self.parts: dict[int, int] = {}
+        self.philox: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # flash attention's, per layer
+        self.count = 0  # layers saved in this forward pass
+        self.current = 0  # the layer running (its first run or its recomputation)
+        self.taken = 0  # attached parts handed back in the current recomputation
 
     def begin(self) -> None:
         """A new forward pass: layers count from 0 again."""
@@ -302,52 +318,73 @@ class ActivationOffload:
             run = _bind(run, args)
         return (_Offloaded.apply(self, run, hidden),)
 
-    def _slot(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        if i == len(self.slots):
-            self.slots.append(torch.empty(0, dtype=hidden.dtype, pin_memory=True))
-        if self.slots[i].numel() < hidden.numel() or self.slots[i].dtype != hidden.dtype:
-            self.slots[i] = torch.empty(hidden.numel(), dtype=hidden.dtype, pin_memory=True)
-        return self.slots[i][:hidden.numel()]
+    def _slot(self, key: Key, t: torch.Tensor) -> torch.Tensor:
+        slot = self.slots.get(key)
+        if slot is None or slot.numel() < t.numel() or slot.dtype != t.dtype:
+            slot = self.slots[key] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+        return slot[:t.numel()]
+
+    def _put(self, key: Key, t: torch.Tensor) -> None:
+        slot = self._slot(key, t)
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            slot.copy_(t.detach().reshape(-1), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.side)
+        self.shapes[key] = t.shape
+        self.copying[key] = (done, t)
 
     def _release(self, i: int) -> None:
-        if i in self.copying:
-            done, _ = self.copying.pop(i)
-            torch.cuda.current_stream(self.device).wait_event(done)
+        """Layer ``i``'s parts are on the host (or will be before anything later runs): their device copies go."""
+        for k in range(self.parts.get(i, 0)):
+            if (i, k) in self.copying:
+                done, _ = self.copying.pop((i, k))
+                torch.cuda.current_stream(self.device).wait_event(done)
 
     def save(self, hidden: torch.Tensor) -> int:
         i, self.count = self.count, self.count + 1
-        self._release(i - 1)  # the previous layer's input is on the host by now: its device copy may go
-        slot = self._slot(i, hidden)
-        self.side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.side):
-            slot.copy_(hidden.detach().reshape(-1), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.side)
-        self.shapes[i] = hidden.shape
-        self.copying[i] = (done, hidden)
+        self._release(i - 1)
+        self.parts[i] = 1
+        self._put((i, 0), hidden)
         return i
 
-    def _fetch(self, i: int) -> None:
-        buf = torch.empty(self.shapes[i], dtype=self.slots[i].dtype, device=self.device)
+    def attach(self, t: torch.Tensor) -> None:
+        """Keep ``t``, made by the running layer's first run, for its recomputation (on the host meanwhile)."""
+        i = self.current
+        self.parts[i] += 1
+        self._put((i, self.parts[i] - 1), t)
+
+    def take(self) -> torch.Tensor:
+        """The recomputed layer's next attached tensor, back on the device, in the order they were attached."""
+        self.taken += 1
+        return self._get((self.current, self.taken))
+
+    def _fetch(self, key: Key) -> None:
+        buf = torch.empty(self.shapes[key], dtype=self.slots[key].dtype, device=self.device)
         self.side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.side):
-            buf.view(-1).copy_(self.slots[i][:buf.numel()], non_blocking=True)
+            buf.view(-1).copy_(self.slots[key][:buf.numel()], non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.side)
-        self.fetched[i] = (done, buf)
+        self.fetched[key] = (done, buf)
 
-    def load(self, i: int) -> torch.Tensor:
-        main = torch.cuda.current_stream(self.device)
-        if i in self.copying:  # the last layer's input is still on the device (backward follows the forward)
-            done, buf = self.copying.pop(i)
+    def _get(self, key: Key) -> torch.Tensor:
+        if key in self.copying:  # the last layer's parts are still on the device (backward follows the forward)
+            done, buf = self.copying.pop(key)
             buf = buf.detach()  # a leaf: the recomputation's backward stops here
         else:
-            if i not in self.fetched:
-                self._fetch(i)
-            done, buf = self.fetched.pop(i)
-        main.wait_event(done)
+            if key not in self.fetched:
+                self._fetch(key)
+            done, buf = self.fetched.pop(key)
+        torch.cuda.current_stream(self.device).wait_event(done)
+        return buf
+
+    def load(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s input for its recomputation; the layer below's parts start coming back meanwhile."""
+        buf = self._get((i, 0))
         if i > 0:
-            self._fetch(i - 1)  # the next layer down, while this one recomputes
+            for k in range(self.parts[i - 1]):
+                self._fetch((i - 1, k))
         return buf
 
 
