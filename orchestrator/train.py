@@ -360,7 +360,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             # The step's figures stay on the device; the host reads them once, after the next step's forward
             # and backward are queued, so the device never waits for the host's bookkeeping between steps
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            tokens = torch.zeros((), dtype=torch.int64, device=device)
+            tokens, host_tokens = torch.zeros((), dtype=torch.int64, device=device), 0
             for k in range(n_micro):
                 t_wait = time.perf_counter()
                 batch, ahead = ahead or next(batches), None  # time blocked here: the device waits for data
@@ -375,7 +375,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                         loss = out.loss / n_micro
                     strategy.backward(loss)
                 loss_sum += loss.detach().double()
-                tokens += count_real_tokens(batch).to(device)
+                real = count_real_tokens(batch)
+                if real.device.type == "cpu":  # a host batch: counted on the host (a copy to the device would
+                    host_tokens += int(real)  # wait for everything queued before it, this step's replay too)
+                else:
+                    tokens += real
             if pending:
                 record(pending)
                 pending = None
@@ -398,7 +402,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             done = {"step": step, "epoch": epoch + micro_done / plan.micro_per_epoch, "lr": scheduler.get_last_lr()[0],
                     "data_wait_s": wait_window, "is_eval": step % t.eval_every == 0 or step == plan.total_steps,
                     "figures": stage_on_host(torch.stack([
-                        step_loss, tokens.double(), torch.as_tensor(grad_norm, dtype=torch.float64, device=device)]))}
+                        step_loss, tokens.double() + host_tokens,
+                        torch.as_tensor(grad_norm, dtype=torch.float64, device=device)]))}
             wait_window = 0.0
             if done["is_eval"]:  # validation and the checkpoint need this step's figures now
                 record(done)
