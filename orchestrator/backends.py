@@ -360,7 +360,7 @@ def stash_attention_in_recompute() -> bool:
 
 def skip_mlp_output_in_recompute() -> bool:
     """A checkpointed layer is run again in the backward only to rebuild what its backward reads. Its last
-    operation, the MLP's down projection (a third of the layer's matmul work), feeds nothing but the layer's
+    operation, the MLP's down projection (a fifth of the layer's matmul work), feeds nothing but the layer's
     output, whose value that backward never reads: its gradient arrives from the layer above. So while a layer
     is recomputed (``step_graph.Recompute``) Unsloth's fused LoRA MLP computes and saves the gate and up
     projections as it always does, skips the down projection and returns an unfilled tensor of the output's
