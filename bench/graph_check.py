@@ -77,7 +77,7 @@ def main() -> None:
 
     import torch
 
-    from bench.train_gpu import base_config
+    from bench.train_gpu import base_config, bench_commit
     from orchestrator.backends import make_backend
     from orchestrator.config import set_fields
     from orchestrator.flat import FlatParameters
@@ -229,7 +229,8 @@ def main() -> None:
     results["flat_vs_per_tensor_optimizer"] = round(
         results["graph"]["tokens_per_s"] / results["graph_per_tensor_optimizer"]["tokens_per_s"], 3)
     print(json.dumps(results), flush=True)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
+    out = {"commit": bench_commit(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "host": platform.node(),
            "model": args.model, "rows": args.rows, "max_len": args.max_len, "steps": args.steps,
            "load_s": round(load_s, 1), "lengths": list(args.lengths), "captures": graphed.captures, "graphs": [list(k) for k in graphed.graphs],
            "checks": checks, "results": results, "kernels_per_graphed_step": kernels}

@@ -266,6 +266,13 @@ def mfu(tokens_per_s: float, cfg_json: dict, n_params: float, gpu: str, seq: int
     return round(flops_per_token * tokens_per_s / peak, 4)
 
 
+def bench_commit() -> str:
+    """The commit measured: ``BENCH_COMMIT`` where the machine's copy of the repository is not the commit's own
+    checkout (its git metadata can be older than the files that travelled), else ``git rev-parse``."""
+    return os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+
 def write_results(args, results: dict, rows: int, cfg_json: dict, gpu: str) -> Path:
     """Derived figures (MFU, ratios to Unsloth at the same shape, scaling) and the JSON, rewritten after every
     variant so that a run stopped midway keeps what it measured."""
@@ -298,8 +305,7 @@ def write_results(args, results: dict, rows: int, cfg_json: dict, gpu: str) -> P
             r["scaling_efficiency"] = round(per_gpu / results[ref]["median_tokens_per_s_per_gpu"], 3)
             r["scaling_reference"] = ref
     out = {"command": "python bench/train_gpu.py " + " ".join(sys.argv[1:]), "device": gpu,
-           "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
-               ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+           "commit": bench_commit(),
            "host": platform.node(), "gpus": torch.cuda.device_count(), "versions": {"torch": torch.__version__, "ray": ray.__version__},
            "model": {k: cfg_json[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                "intermediate_size", "vocab_size")},
@@ -363,9 +369,9 @@ def main() -> None:
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         results[v] = r
         print(json.dumps({v: r}), flush=True)
-        write_results(args, results, len(rows), cfg_json, gpu)
+        path = write_results(args, results, len(rows), cfg_json, gpu)
     sampler.stop()
-    print(f"wrote {write_results(args, results, len(rows), cfg_json, gpu)}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
