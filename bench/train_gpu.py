@@ -16,7 +16,8 @@ autocast, as transformers' Trainer runs with ``bf16=True``; without it the fp32 
 prepare_model_for_kbit_training leaves keep the residual stream, and attention, in fp32). The ``project*`` variants run
 ``orchestrator.train.run_training`` (Ray Train, one GPU worker) with packing (no pad tokens) and the settings
 named in VARIANTS. Reported per variant: median effective (non-pad) tokens/s and step time over the steps
-after the first two, peak memory (allocated and reserved), and MFU = 6 * N_active * tokens/s / peak bf16
+after the first two, peak memory of the training steps (allocated and reserved; every variant and peer resets
+the peak once its model is loaded, and the project's setup peak is kept as ``setup_peak_allocated_mb``), and MFU = 6 * N_active * tokens/s / peak bf16
 FLOP/s + attention (12 * layers * hidden * seq per token), N_active counting every base and LoRA weight in
 the forward and backward pass (the frozen 4-bit weights take part in both); per GPU for multi-GPU runs.
 Also per project variant: the share of step time a worker was blocked on the Ray Data stream
@@ -245,6 +246,7 @@ def run_project(cfg, prepared, sampler: GpuSampler | None = None) -> dict:
     out.update(workers=n, gpus=n, median_tokens_per_s_per_gpu=round(out["median_tokens_per_s"] / n, 1),
                peak_allocated_mb=round(max(h["peak_memory_mb"] for h in hist)),
                peak_reserved_mb=round(max(h.get("peak_reserved_mb", 0) for h in hist)),
+               setup_peak_allocated_mb=round(hist[0].get("setup_peak_memory_mb", 0)),
                data_wait_fraction=round(sum(h["data_wait_s"] for h in measured)
                                         / sum(h["step_time_s"] for h in measured), 4),
                micro_batch=cfg.train.micro_batch_size, gradient_checkpointing=cfg.train.gradient_checkpointing,

@@ -154,7 +154,9 @@ class GraphedStep:
         g = _Graph(torch.cuda.CUDAGraph(), torch.zeros(size, dtype=torch.int32, device=self.device),
                    torch.zeros(size + 1, dtype=torch.int32, device=self.device), longest)
         self._stage(staged, g)
-        held = [gr.clone() for gr in self.flat.grads]  # a step's gradients so far: the warm-up adds to them
+        # a step's gradients so far (the warm-up adds to them), kept on the host: a device copy would add their
+        # size to the capture's peak memory
+        held = [gr.to("cpu") for gr in self.flat.grads]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # kernels compile, cuBLAS and allocator warm up outside the capture
@@ -164,7 +166,8 @@ class GraphedStep:
         with torch.cuda.graph(g.graph, pool=self.pool):
             g.loss = self._run(g).detach()
         self.pool = self.pool or g.graph.pool()
-        torch._foreach_copy_(self.flat.grads, held)
+        for gr, h in zip(self.flat.grads, held, strict=True):
+            gr.copy_(h)
         self.captures += 1
         log.info("captured a training step graph: %d tokens, up to %d examples of up to %d", self.tokens, size,
                  longest)

@@ -328,7 +328,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics = {"step": done["step"], "epoch": done["epoch"], "loss": loss_, "lr": done["lr"],
                    "grad_norm": norm_, "tokens_per_s": tokens_total / max(now - t_window, 1e-9),
                    "real_tokens": tokens_total, "step_time_s": now - t_window, "data_wait_s": done["data_wait_s"],
-                   "timestamp": time.time(), "peak_memory_mb": peak_memory_mb(device)}
+                   "timestamp": time.time(), "peak_memory_mb": peak_memory_mb(device),
+                   "setup_peak_memory_mb": setup_peak_mb}
         if device.type == "cuda":
             metrics["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
         t_window, tok_window = now, 0
@@ -346,6 +347,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     train_shard = my_shard("train")
     profiler = StepProfiler(t.profile_steps, run_dir / "profile", rank == 0)
+    # peak_memory_mb is the training steps' peak on a GPU (as trainers measure it), the setup's is kept apart
+    setup_peak_mb = peak_memory_mb(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t_window, tok_window, wait_window = time.perf_counter(), 0, 0.0
     pending: dict[str, Any] | None = None  # the previous step, recorded once this step's work is queued
     ahead: Any = None  # the next micro-batch, fetched (and prepared for the graph) before the optimizer step
