@@ -1,0 +1,142 @@
+"""Where a training step's peak GPU memory goes: resident state, the eager step, the CUDA-graphed step.
+
+    python bench/step_memory.py --model /tmp/llama7b [--rows 4 --max-len 512] [--json bench/results/step_memory_<tag>.json]
+
+Loads the model as a Ray Train worker does with ``train.cuda_graph`` on (Unsloth backend, as
+``bench/graph_check.py``), creates the flat parameters and the optimizer, and reports in MB:
+
+- ``resident``: allocated before any step (4-bit weights, head and embeddings, LoRA weights and gradients);
+- per step kind (``eager``: the backend's eager forward and backward, Unsloth's functions recomputing whole
+  layers; ``graph``: a first capture, then replays of other batches): the peak allocated during the step and
+  the peak above ``resident``;
+- for the graphed step, the allocations alive at its peak, grouped by the code that made them (the innermost
+  frame outside torch, and the project's frame that called it), largest first.
+
+A replay allocates nothing (its memory is the graph pool's, reserved at capture), so the graphed step's peak is
+the capture's: what trainers report as peak allocated memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+MB = 2**20
+
+
+def site(frames: list[dict]) -> str:
+    """``innermost non-torch frame (project frame that led there)`` of an allocation's Python stack."""
+    outside = [f for f in frames if "/torch/" not in f["filename"] and f["filename"] != "??"]
+    if not outside:
+        return "torch"
+
+    def short(f: dict) -> str:
+        parts = Path(f["filename"]).parts
+        return f"{'/'.join(parts[-2:])}:{f['line']} {f['name']}"
+
+    ours = next((f for f in outside if "orchestrator" in f["filename"]), None)
+    return short(outside[0]) + (f" (via {short(ours)})" if ours and ours is not outside[0] else "")
+
+
+def live_at_peak(snapshot: dict, device: int = 0, top: int = 15) -> dict:
+    """Replay the allocator's trace: the largest total of live allocations, and those live then by site."""
+    events = snapshot["device_traces"][device]
+    live: dict[int, tuple[int, int]] = {}
+    total = peak = peak_at = 0
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], i)
+            total += e["size"]
+        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+            total -= live.pop(e["addr"])[0]
+        if total > peak:
+            peak, peak_at = total, i
+    alive: dict[int, tuple[int, int]] = {}  # the same replay, stopped at the peak
+    for e in events[:peak_at + 1]:
+        if e["action"] == "alloc":
+            alive[e["addr"]] = (e["size"], e)
+        elif e["action"] in ("free_requested", "free_completed"):
+            alive.pop(e["addr"], None)
+    by_site: dict[str, int] = defaultdict(int)
+    for size, e in alive.values():
+        by_site[site(e.get("frames", []))] += size
+    rows = sorted(by_site.items(), key=lambda kv: -kv[1])
+    return {"traced_peak_mb": round(peak / MB, 1),
+            "by_site_mb": {k: round(v / MB, 1) for k, v in rows[:top]},
+            "other_sites_mb": round(sum(v for _, v in rows[top:]) / MB, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--lengths", type=int, nargs=2, default=(40, 300), metavar=("MIN", "MAX"))
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import torch
+
+    from bench.graph_check import packed_batches
+    from bench.train_gpu import base_config, bench_commit
+    from orchestrator.backends import make_backend
+    from orchestrator.config import set_fields
+    from orchestrator.flat import FlatParameters
+    from orchestrator.step_graph import GraphedStep
+    from orchestrator.train import make_optimizer
+
+    cfg = set_fields(base_config(args.model, "qa", "unused.jsonl", 15, "/tmp/unused"),
+                     {"train.backend": "unsloth", "train.cuda_graph": True, "lora.dropout": 0.0,
+                      "data.max_seq_length": args.max_len, "train.micro_batch_size": args.rows})
+    backend = make_backend("unsloth")
+    device = torch.device("cuda:0")
+    t0 = time.perf_counter()
+    model = backend.load(cfg, device, None)
+    load_s = time.perf_counter() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = FlatParameters(params)
+    make_optimizer(cfg, params, flat)
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    data = packed_batches(vocab, 4, args.rows, args.max_len, seed=1, lengths=tuple(args.lengths))
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+
+    def measure(run) -> dict:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        flat.zero_grad()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_allocated_mb": round(peak / MB, 1), "above_resident_mb": round((peak - resident) / MB, 1)}
+
+    def eager(batch) -> None:
+        inputs = backend.to_device(batch, device)
+        backend.forward(model, {k: v for k, v in inputs.items() if k != "num_tokens"}).loss.backward()
+
+    graphed = GraphedStep(model, backend.graph_forward, device, args.rows, args.max_len, flat)
+    out = {"eager": measure(lambda: eager(data[0]))}
+    out["eager_again"] = measure(lambda: eager(data[1]))
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    out["graph"] = measure(lambda: [graphed.run(b) for b in data])
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    out["graph"].update(live_at_peak(snapshot))
+    out["graph_replays_only"] = measure(lambda: [graphed.run(b) for b in data])
+    res = {"commit": bench_commit(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "model": args.model, "rows": args.rows, "max_len": args.max_len, "lengths": list(args.lengths),
+           "load_s": round(load_s, 1), "captures": graphed.captures, "resident_mb": round(resident / MB, 1),
+           "reserved_mb": round(torch.cuda.max_memory_reserved() / MB, 1), **out}
+    print(json.dumps(res, indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
