@@ -9,8 +9,9 @@ Loads the model as a Ray Train worker does with ``train.cuda_graph`` on (Unsloth
 - per step kind (``eager``: the backend's eager forward and backward, Unsloth's functions recomputing whole
   layers; ``graph``: a first capture, then replays of other batches): the peak allocated during the step and
   the peak above ``resident``;
-- for the graphed step, the allocations alive at its peak, grouped by the code that made them (the innermost
-  frame outside torch, and the project's frame that called it), largest first.
+- for the second eager step and the graphed step, the allocations alive at the peak, grouped by the code that
+  made them (the innermost frame outside torch, and the project's frame that called it), largest first, and
+  the largest of them with their stacks.
 
 A replay allocates nothing (its memory is the graph pool's, reserved at capture), so the graphed step's peak is
 the capture's: what trainers report as peak allocated memory.
@@ -57,19 +58,29 @@ def live_at_peak(snapshot: dict, device: int = 0, top: int = 15) -> dict:
             total -= live.pop(e["addr"])[0]
         if total > peak:
             peak, peak_at = total, i
-    alive: dict[int, tuple[int, int]] = {}  # the same replay, stopped at the peak
-    for e in events[:peak_at + 1]:
+    alive: dict[int, tuple[int, int, dict]] = {}  # the same replay, stopped at the peak
+    for i, e in enumerate(events[:peak_at + 1]):
         if e["action"] == "alloc":
-            alive[e["addr"]] = (e["size"], e)
+            alive[e["addr"]] = (e["size"], i, e)
         elif e["action"] in ("free_requested", "free_completed"):
             alive.pop(e["addr"], None)
     by_site: dict[str, int] = defaultdict(int)
-    for size, e in alive.values():
+    for size, _, e in alive.values():
         by_site[site(e.get("frames", []))] += size
     rows = sorted(by_site.items(), key=lambda kv: -kv[1])
-    return {"traced_peak_mb": round(peak / MB, 1),
+    largest = sorted(alive.values(), key=lambda se: -se[0])[:top]
+    return {"traced_peak_mb": round(peak / MB, 1), "events": len(events), "peak_event": peak_at,
             "by_site_mb": {k: round(v / MB, 1) for k, v in rows[:top]},
-            "other_sites_mb": round(sum(v for _, v in rows[top:]) / MB, 1)}
+            "other_sites_mb": round(sum(v for _, v in rows[top:]) / MB, 1),
+            "at_peak_allocating": stack(events[peak_at].get("frames", [])),
+            "largest_live": [{"mb": round(size / MB, 1), "event": i, "stack": stack(e.get("frames", []))}
+                             for size, i, e in largest]}
+
+
+def stack(frames: list[dict], depth: int = 6) -> list[str]:
+    """The innermost ``depth`` frames outside torch, innermost first."""
+    return [f"{'/'.join(Path(f['filename']).parts[-2:])}:{f['line']} {f['name']}" for f in frames
+            if "/torch/" not in f["filename"] and f["filename"] != "??"][:depth]
 
 
 def main() -> None:
@@ -122,12 +133,18 @@ def main() -> None:
 
     graphed = GraphedStep(model, backend.graph_forward, device, args.rows, args.max_len, flat)
     out = {"eager": measure(lambda: eager(data[0]))}
-    out["eager_again"] = measure(lambda: eager(data[1]))
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-    out["graph"] = measure(lambda: [graphed.run(b) for b in data])
-    snapshot = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
-    out["graph"].update(live_at_peak(snapshot))
+
+    def traced(run) -> dict:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+        row = measure(run)
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        return {**row, "allocated_before_mb": round(before / MB, 1), **live_at_peak(snapshot)}
+
+    before = torch.cuda.memory_allocated()
+    out["eager_again"] = traced(lambda: eager(data[1]))
+    before = torch.cuda.memory_allocated()
+    out["graph"] = traced(lambda: [graphed.run(b) for b in data])
     out["graph_replays_only"] = measure(lambda: [graphed.run(b) for b in data])
     res = {"commit": bench_commit(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "model": args.model, "rows": args.rows, "max_len": args.max_len, "lengths": list(args.lengths),
