@@ -55,7 +55,7 @@ def test_causal_lm_trains_and_writes_outputs(qa_run, qa_prepared, tiny_model_dir
     assert len(losses) == 6 and losses[-1] < losses[0]
     evals = [h for h in res.history if "val_loss" in h]
     assert [h["step"] for h in evals] == [2, 4, 6] and evals[-1]["val_loss"] < evals[0]["val_loss"]
-    for key in ("lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "epoch", "perplexity"):
+    for key in ("lr", "grad_norm", "tokens_per_s", "peak_memory_mb", "setup_peak_memory_mb", "epoch", "perplexity"):
         assert key in res.history[-1]
     run = res.run_dir
     assert (run / "adapter/adapter_config.json").exists() and (run / "adapter/adapter_model.safetensors").exists()
