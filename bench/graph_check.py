@@ -62,6 +62,25 @@ def packed_batches(vocab: int, n: int, rows: int, max_len: int, seed: int, lengt
     return out
 
 
+def load_graphed_worker(model_path: str, rows: int, max_len: int):
+    """The 7B model as a Ray Train worker loads it with ``train.cuda_graph`` on (Unsloth backend, 4-bit NF4 +
+    double quant, LoRA r=16 on every linear layer): ``(cfg, backend, device, model, load_s)``."""
+    import torch
+
+    from bench.train_gpu import base_config
+    from orchestrator.backends import make_backend
+    from orchestrator.config import set_fields
+
+    cfg = set_fields(base_config(model_path, "qa", "unused.jsonl", 15, "/tmp/unused"),
+                     {"train.backend": "unsloth", "train.cuda_graph": True, "lora.dropout": 0.0,
+                      "data.max_seq_length": max_len, "train.micro_batch_size": rows})
+    backend = make_backend("unsloth")
+    device = torch.device("cuda:0")
+    t0 = time.perf_counter()
+    model = backend.load(cfg, device, None)
+    return cfg, backend, device, model, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -77,21 +96,12 @@ def main() -> None:
 
     import torch
 
-    from bench.train_gpu import base_config, bench_commit
-    from orchestrator.backends import make_backend
-    from orchestrator.config import set_fields
+    from bench.train_gpu import bench_commit
     from orchestrator.flat import FlatParameters
     from orchestrator.step_graph import GraphedStep
     from orchestrator.train import make_optimizer
 
-    cfg = set_fields(base_config(args.model, "qa", "unused.jsonl", 15, "/tmp/unused"),
-                     {"train.backend": "unsloth", "train.cuda_graph": True, "lora.dropout": 0.0,
-                      "data.max_seq_length": args.max_len, "train.micro_batch_size": args.rows})
-    backend = make_backend("unsloth")
-    device = torch.device("cuda:0")
-    t0 = time.perf_counter()
-    model = backend.load(cfg, device, None)
-    load_s = time.perf_counter() - t0
+    cfg, backend, device, model, load_s = load_graphed_worker(args.model, args.rows, args.max_len)
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -94,22 +93,13 @@ def main() -> None:
 
     import torch
 
-    from bench.graph_check import packed_batches
-    from bench.train_gpu import base_config, bench_commit
-    from orchestrator.backends import make_backend
-    from orchestrator.config import set_fields
+    from bench.graph_check import load_graphed_worker, packed_batches
+    from bench.train_gpu import bench_commit
     from orchestrator.flat import FlatParameters
     from orchestrator.step_graph import GraphedStep
     from orchestrator.train import make_optimizer
 
-    cfg = set_fields(base_config(args.model, "qa", "unused.jsonl", 15, "/tmp/unused"),
-                     {"train.backend": "unsloth", "train.cuda_graph": True, "lora.dropout": 0.0,
-                      "data.max_seq_length": args.max_len, "train.micro_batch_size": args.rows})
-    backend = make_backend("unsloth")
-    device = torch.device("cuda:0")
-    t0 = time.perf_counter()
-    model = backend.load(cfg, device, None)
-    load_s = time.perf_counter() - t0
+    cfg, backend, device, model, load_s = load_graphed_worker(args.model, args.rows, args.max_len)
     params = [p for p in model.parameters() if p.requires_grad]
     flat = FlatParameters(params)
     make_optimizer(cfg, params, flat)

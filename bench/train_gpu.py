@@ -16,10 +16,11 @@ autocast, as transformers' Trainer runs with ``bf16=True``; without it the fp32 
 prepare_model_for_kbit_training leaves keep the residual stream, and attention, in fp32). The ``project*`` variants run
 ``orchestrator.train.run_training`` (Ray Train, one GPU worker) with packing (no pad tokens) and the settings
 named in VARIANTS. Reported per variant: median effective (non-pad) tokens/s and step time over the steps
-after the first two, peak memory of the training steps (allocated and reserved; every variant and peer resets
-the peak once its model is loaded, and the project's setup peak is kept as ``setup_peak_allocated_mb``), and MFU = 6 * N_active * tokens/s / peak bf16
-FLOP/s + attention (12 * layers * hidden * seq per token), N_active counting every base and LoRA weight in
-the forward and backward pass (the frozen 4-bit weights take part in both); per GPU for multi-GPU runs.
+after the first two, peak memory of the training steps (allocated and reserved; every variant and peer
+resets the peak once its model is loaded, and the project's setup peak is kept as
+``setup_peak_allocated_mb``), and MFU = 6 * N_active * tokens/s / peak bf16 FLOP/s + attention
+(12 * layers * hidden * seq per token), N_active counting every base and LoRA weight in the forward and
+backward pass (the frozen 4-bit weights take part in both); per GPU for multi-GPU runs.
 Also per project variant: the share of step time a worker was blocked on the Ray Data stream
 (``data_wait_fraction``) and the GPUs' busy fraction (``nvidia-smi`` utilization over the measured steps).
 ``project-<backend>[-mbN][-lenL]-graph`` (``-lenL``: packed rows of L slots) replays each packed micro-batch's forward and backward as one CUDA graph
