@@ -66,8 +66,8 @@ def run(args) -> None:
     import torch
 
     from bench.train_gpu import base_config
-    from orchestrator.backends import make_backend
-    from orchestrator.config import set_fields
+    from orchestrator.core.config import set_fields
+    from orchestrator.training.backends import make_backend
 
     cfg = set_fields(base_config(args.model, "qa", "unused.jsonl", 15, "/tmp/unused"),
                      {"train.backend": args.backend, "lora.dropout": 0.0})
@@ -146,8 +146,8 @@ def timing(args) -> None:
     import torch
 
     from bench.train_gpu import base_config
-    from orchestrator.backends import make_backend
-    from orchestrator.config import set_fields
+    from orchestrator.core.config import set_fields
+    from orchestrator.training.backends import make_backend
 
     cfg = set_fields(base_config(args.model, "qa", "unused.jsonl", 15, "/tmp/unused"),
                      {"train.backend": args.backend, "lora.dropout": 0.0})

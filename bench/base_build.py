@@ -28,10 +28,12 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orchestrator.config import load_config
-    from orchestrator.data import _split, qa_pairs
-    from orchestrator.evaluate import exact_match, generate_answers, rouge_l, token_f1
-    from orchestrator.tiny import base_corpus, document_articles, ensure_base_model
+    from orchestrator.artifacts.evaluate import generate_answers
+    from orchestrator.core.config import load_config
+    from orchestrator.data.base import base_corpus, document_articles, ensure_base_model
+    from orchestrator.data.pipelines import qa_pairs
+    from orchestrator.data.splits import split_for
+    from orchestrator.reports.scores import exact_match, rouge_l, token_f1
 
     cfg = load_config(args.config, [f"model.name_or_path={args.out}", f"model.tiny_pretrain_steps={args.steps}"])
     t0 = time.perf_counter()
@@ -42,7 +44,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.out)
     _, train, _ = base_corpus(cfg)
     arts = [row for pdf in cfg.data.train for row in document_articles(pdf)[1]]
-    val = _split(cfg, qa_pairs(cfg, arts))["validation"]
+    val = split_for(cfg, qa_pairs(cfg, arts))["validation"]
     result = {"steps": args.steps, "build": build, "build_seconds": round(time.perf_counter() - t0, 1)}
     for name, rows in (("train", train[: args.limit]), ("validation", val[: args.limit])):
         preds = generate_answers(model, tok, cfg, [r["question"] for r in rows], device, max_new_tokens=200)

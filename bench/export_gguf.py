@@ -29,10 +29,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
 
-    from orchestrator.config import load_config
-    from orchestrator.export import QUANTS, export_gguf
-    from orchestrator.model import follow_adapter_base
-    from orchestrator.runtime import init_ray
+    from orchestrator.artifacts.adapters import follow_adapter_base
+    from orchestrator.artifacts.export import QUANTS, export_gguf
+    from orchestrator.core.config import load_config
+    from orchestrator.core.runtime import init_ray
 
     out = Path(tempfile.mkdtemp(prefix="gguf-"))
     cfg = follow_adapter_base(load_config(args.config, [f"output_dir={out}"]), args.adapter)

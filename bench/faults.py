@@ -235,8 +235,8 @@ QUESTION = {"role": "user", "content": "What does Article 16 of the Constitution
 
 def serve_model(work: Path) -> Path:
     """The embedded tiny Llama (pre-trained for a few steps), as a served causal LM."""
-    from orchestrator.config import load_config
-    from orchestrator.model import ensure_model
+    from orchestrator.core.config import load_config
+    from orchestrator.data.base import ensure_model
 
     sets = [f"{k}={v}" for k, v in {**SETS, "output_dir": work}.items()]
     return Path(ensure_model(load_config(ROOT / "configs/constitution-qa-tiny.yaml", sets)))
@@ -249,7 +249,7 @@ def served(port: int, dashboard: bool = False, **spec):
     import ray
     from ray import serve
 
-    from orchestrator.deploy import start
+    from orchestrator.deployment.launcher import start
 
     model = serve_model(Path(tempfile.mkdtemp(prefix="faults-serve-")))
     ray.init(num_cpus=2, include_dashboard=dashboard, log_to_driver=False)

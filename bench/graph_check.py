@@ -40,8 +40,8 @@ def packed_batches(vocab: int, n: int, rows: int, max_len: int, seed: int, lengt
     """``n`` host micro-batches of ``rows`` packed rows, as the training loop receives them."""
     import numpy as np
 
-    from orchestrator.data import make_collate
-    from orchestrator.tokenization import IGNORE, pack
+    from orchestrator.data.pipelines import make_collate
+    from orchestrator.data.tokenization import IGNORE, pack
 
     rng = random.Random(seed)
     collate = make_collate(0, True)
@@ -68,8 +68,8 @@ def load_graphed_worker(model_path: str, rows: int, max_len: int):
     import torch
 
     from bench.train_gpu import base_config
-    from orchestrator.backends import make_backend
-    from orchestrator.config import set_fields
+    from orchestrator.core.config import set_fields
+    from orchestrator.training.backends import make_backend
 
     cfg = set_fields(base_config(model_path, "qa", "unused.jsonl", 15, "/tmp/unused"),
                      {"train.backend": "unsloth", "train.cuda_graph": True, "lora.dropout": 0.0,
@@ -97,9 +97,9 @@ def main() -> None:
     import torch
 
     from bench.train_gpu import bench_commit
-    from orchestrator.flat import FlatParameters
-    from orchestrator.step_graph import GraphedStep
-    from orchestrator.train import make_optimizer
+    from orchestrator.training.flat_params import FlatParameters
+    from orchestrator.training.loop import make_optimizer
+    from orchestrator.training.step_graph import GraphedStep
 
     cfg, backend, device, model, load_s = load_graphed_worker(args.model, args.rows, args.max_len)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -48,7 +48,7 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.tiny import train_tokenizer
+    from orchestrator.data.base import train_tokenizer
 
     out = Path(args.out)
     if (out / "config.json").exists():

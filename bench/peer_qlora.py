@@ -90,7 +90,7 @@ def main() -> None:
         times = []
         profiler = None
         if args.profile_dir and not res["runs"]:
-            from orchestrator.profile import StepProfiler
+            from orchestrator.training.profile import StepProfiler
 
             profiler = StepProfiler((6, 8), Path(args.profile_dir), True)
         try:

@@ -129,9 +129,9 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from orchestrator.config import load_config
-    from orchestrator.deploy import start
-    from orchestrator.tiny import ensure_base_model
+    from orchestrator.core.config import load_config
+    from orchestrator.data.base import ensure_base_model
+    from orchestrator.deployment.launcher import start
 
     model = args.model
     if not model:

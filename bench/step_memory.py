@@ -95,9 +95,9 @@ def main() -> None:
 
     from bench.graph_check import load_graphed_worker, packed_batches
     from bench.train_gpu import bench_commit
-    from orchestrator.flat import FlatParameters
-    from orchestrator.step_graph import GraphedStep
-    from orchestrator.train import make_optimizer
+    from orchestrator.training.flat_params import FlatParameters
+    from orchestrator.training.loop import make_optimizer
+    from orchestrator.training.step_graph import GraphedStep
 
     cfg, backend, device, model, load_s = load_graphed_worker(args.model, args.rows, args.max_len)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -31,9 +31,9 @@ def main() -> None:
 
     import ray
 
-    from orchestrator.config import load_config
-    from orchestrator.data import causal_lm_rows, ner_rows, split_stats, tokenize_dataset
-    from orchestrator.tiny import ensure_base_model
+    from orchestrator.core.config import load_config
+    from orchestrator.data.base import ensure_base_model
+    from orchestrator.data.pipelines import causal_lm_rows, ner_rows, split_stats, tokenize_dataset
 
     os.chdir(ROOT)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

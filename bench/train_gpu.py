@@ -106,7 +106,7 @@ def run_peer(variant: str, model: str, shapes: str, steps: int) -> dict:
 
 
 def base_config(model: str, mix: str, data_file: str, steps: int, out: str):
-    from orchestrator.config import validate_config
+    from orchestrator.core.config import validate_config
 
     return validate_config({
         "name": f"bench-{mix}", "model": {"name_or_path": model, "task": "causal_lm", "attn_implementation": "sdpa"},
@@ -122,8 +122,8 @@ def base_config(model: str, mix: str, data_file: str, steps: int, out: str):
 
 def examples(mix: str, tokenizer) -> list[dict[str, str]]:
     """QA pairs from the project's pipeline, or long documents cut from the constitution's text."""
-    from orchestrator.config import validate_config
-    from orchestrator.data import causal_lm_rows
+    from orchestrator.core.config import validate_config
+    from orchestrator.data.pipelines import causal_lm_rows
 
     cfg = validate_config({"name": "x", "model": {"name_or_path": "x"},
                            "data": {"format": "pdf", "train": [str(PDF)], "qa": {"kind": "rules"}}})
@@ -151,7 +151,7 @@ def run_baseline(model_dir: str, rows: list[dict[str, str]], maxlen: int, steps:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from orchestrator.tokenization import format_prompt_answer
+    from orchestrator.data.tokenization import format_prompt_answer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -237,7 +237,7 @@ class GpuSampler:
 
 
 def run_project(cfg, prepared, sampler: GpuSampler | None = None) -> dict:
-    from orchestrator.train import run_training
+    from orchestrator.training.train import run_training
 
     res = run_training(cfg, prepared=prepared)
     hist = res.history  # step_time_s: wall time since the previous step's metrics (data wait included)
@@ -331,8 +331,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from orchestrator.prepare import prepare_data
-    from orchestrator.runtime import init_ray
+    from orchestrator.core.runtime import init_ray
+    from orchestrator.data.prepare import prepare_data
 
     gpu = torch.cuda.get_device_name(0)
     init_ray()
@@ -358,7 +358,7 @@ def main() -> None:
                 results[f"{v}-{shape}"] = pr
             r = dict(results.get(f"{v}-{shapes.split(',')[0]}") or {"error": peer.get("error", "no runs")})
         else:
-            from orchestrator.config import set_fields
+            from orchestrator.core.config import set_fields
 
             name, _, workers = v.partition("@")  # project-mb8@2: the variant on 2 GPU workers (DDP)
             cfg = set_fields(base_config(args.model, args.mix, str(data_file), args.steps, str(work)),

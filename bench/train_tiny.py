@@ -43,10 +43,10 @@ def main() -> None:
     args = ap.parse_args()
     os.chdir(ROOT)
 
-    from orchestrator.config import load_config
-    from orchestrator.evaluate import evaluate_ner, evaluate_qa
-    from orchestrator.runtime import init_ray
-    from orchestrator.train import run_training
+    from orchestrator.artifacts.evaluate import evaluate_ner, evaluate_qa
+    from orchestrator.core.config import load_config
+    from orchestrator.core.runtime import init_ray
+    from orchestrator.training.train import run_training
 
     name = "medical-ner-tiny" if args.which == "ner" else "constitution-qa-tiny"
     overrides = [f"name={name}-bench", "output_dir=runs/bench", *args.overrides]
@@ -54,7 +54,7 @@ def main() -> None:
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     init_ray()
     t0 = time.perf_counter()
-    from orchestrator.prepare import prepare_data
+    from orchestrator.data.prepare import prepare_data
 
     prepared = prepare_data(cfg)
     t_prep = time.perf_counter() - t0

@@ -20,7 +20,7 @@ def parse(description: str, extra=None, many: bool = False) -> argparse.Namespac
 
 def output_dirs(args: argparse.Namespace) -> list[str]:
     """Where the job's configs (run configs or a pipeline file) put their outputs."""
-    from orchestrator.config import load_config, read_raw
+    from orchestrator.core.config import load_config, read_raw
     from orchestrator.pipeline import load_pipeline
 
     dirs = []
@@ -35,9 +35,9 @@ def output_dirs(args: argparse.Namespace) -> list[str]:
 def run(fn, args: argparse.Namespace | None = None) -> None:
     """Run a job body; exit non-zero with a one-line message on a known failure. With ``args``, first say in
     one line when the outputs would land in the job's temporary working directory."""
-    from orchestrator.config import ConfigError
-    from orchestrator.model import ModelLoadError
-    from orchestrator.runtime import setup_logging, temporary_outputs_note
+    from orchestrator.core.config import ConfigError
+    from orchestrator.core.runtime import setup_logging, temporary_outputs_note
+    from orchestrator.core.sources import ModelLoadError
 
     setup_logging()
     try:

@@ -9,7 +9,7 @@ if __name__ == "__main__":
     args = parse(__doc__, lambda ap: ap.add_argument("--model", action="append"), many=True)
 
     def body():
-        from orchestrator.deploy import run_serve
+        from orchestrator.deployment.launcher import run_serve
 
         run_serve(args.config, args.overrides, args.model, blocking=False)
 

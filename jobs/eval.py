@@ -7,7 +7,7 @@ if __name__ == "__main__":
                                       ap.add_argument("--limit", type=int)))
 
     def body():
-        from orchestrator.evaluate import run_eval
+        from orchestrator.artifacts.evaluate import run_eval
 
         run_eval(args.config, args.adapter, args.overrides, args.limit)
 

@@ -15,7 +15,7 @@ if __name__ == "__main__":
     args = parse(__doc__, _extra)
 
     def body():
-        from orchestrator.export import run_export
+        from orchestrator.artifacts.export import run_export
 
         run_export(args.config, args.adapter, args.overrides, args.format, args.quant, args.out, args.check)
 

@@ -15,7 +15,7 @@ if __name__ == "__main__":
     args = parse(__doc__, _extra)
 
     def body():
-        from orchestrator.merge import run_merge
+        from orchestrator.artifacts.merge import run_merge
 
         run_merge(args.config, args.adapter, args.overrides, args.out, args.method, not args.no_compare,
                   args.examples)

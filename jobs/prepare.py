@@ -6,7 +6,7 @@ if __name__ == "__main__":
     args = parse(__doc__, lambda ap: ap.add_argument("--parquet-dir"))
 
     def body():
-        from orchestrator.prepare import run_prepare
+        from orchestrator.data.prepare import run_prepare
 
         run_prepare(args.config, args.overrides, args.parquet_dir)
 

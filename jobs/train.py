@@ -6,7 +6,7 @@ if __name__ == "__main__":
     args = parse(__doc__, lambda ap: ap.add_argument("--resume", metavar="RUN_DIR"))
 
     def body():
-        from orchestrator.train import run_train
+        from orchestrator.training.train import run_train
 
         run_train(args.config, args.overrides, args.resume)
 

@@ -6,7 +6,7 @@ if __name__ == "__main__":
     args = parse(__doc__, lambda ap: ap.add_argument("--resume", action="store_true"))
 
     def body():
-        from orchestrator.tune import run_tune
+        from orchestrator.tuning.tune import run_tune
 
         run_tune(args.config, args.overrides, args.resume)
 

@@ -4,75 +4,83 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
-from orchestrator.config import ConfigError
+from orchestrator.core.config import ConfigError
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
+def _config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config YAML (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+    _overrides(p, "override a config field, e.g. --set train.lr=1e-4 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _overrides(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help=help)
 
-    p = sub.add_parser("prepare", help="run the data pipeline of a config and print counts")
-    _add_config(p)
+
+def _adapter(p: argparse.ArgumentParser, what: str = "adapter directory (a run's adapter/ or best_adapter/)") -> None:
+    _config(p)
+    p.add_argument("--adapter", required=True, help=what)
+
+
+# ---------------------------------------------------------------- arguments per verb
+
+def _prepare_args(p):
+    _config(p)
     p.add_argument("--parquet-dir", help="write the tokenized splits to Parquet here (atomically)")
 
-    p = sub.add_parser("train", help="QLoRA fine-tune on Ray Train; writes adapter, metrics and report")
-    _add_config(p)
+
+def _train_args(p):
+    _config(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
-    p = sub.add_parser("tune", help="Ray Tune study over full training runs (ASHA, random/grid or Optuna)")
-    _add_config(p)
+
+def _tune_args(p):
+    _config(p)
     p.add_argument("--resume", action="store_true", help="continue the study in the config's run dir")
 
-    p = sub.add_parser("merge", help="merge an adapter into its base (16-bit or dequantized) and measure fidelity")
-    _add_config(p)
-    p.add_argument("--adapter", required=True, help="adapter directory (a run's adapter/ or best_adapter/)")
+
+def _merge_args(p):
+    _adapter(p)
     p.add_argument("--out", help="output directory (default: next to the adapter, merged/)")
     p.add_argument("--method", choices=["16bit", "dequantized"], default="16bit")
     p.add_argument("--no-compare", action="store_true", help="measure only the chosen method's fidelity")
     p.add_argument("--examples", type=int, default=32, help="held-out examples for the fidelity check")
 
-    p = sub.add_parser("serve", help="deploy merged models on Ray Serve (OpenAI-compatible + entities API)")
+
+def _serve_args(p):
     p.add_argument("configs", nargs="+", help="run configs, one served model each")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    _overrides(p)
     p.add_argument("--model", action="append", help="merged model dir per config (default RUN_DIR/merged); an "
                    "adapter dir is merged first onto the base its adapter_config.json records")
 
-    p = sub.add_parser("pipeline", help="run the stages of a pipeline file (train, tune, merge, serve, ask) end to end")
+
+def _pipeline_args(p):
     p.add_argument("pipeline", help="pipeline YAML (e.g. configs/demo.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a pipeline field, e.g. --set stages=[train,merge] or --set set.train.max_steps=10")
+    _overrides(p, "override a pipeline field, e.g. --set stages=[train,merge] or --set set.train.max_steps=10")
 
-    p = sub.add_parser("demo", help="the whole mission on this machine: configs/demo.yaml, no network, no arguments")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
 
-    p = sub.add_parser("eval", help="score an adapter on the test split (NER P/R/F1; QA EM, F1, ROUGE-L)")
-    _add_config(p)
-    p.add_argument("--adapter", required=True, help="adapter directory (a run's adapter/ or a checkpoint's)")
+def _eval_args(p):
+    _adapter(p, "adapter directory (a run's adapter/ or a checkpoint's)")
     p.add_argument("--limit", type=int, help="evaluate only the first N test examples")
 
-    p = sub.add_parser("export", help="merge an adapter and write it as one GGUF file for llama.cpp")
-    _add_config(p)
-    p.add_argument("--adapter", required=True, help="adapter directory (a run's adapter/ or best_adapter/)")
+
+def _export_args(p):
+    _adapter(p)
     p.add_argument("--format", default="gguf", choices=["gguf"])
     p.add_argument("--quant", default="q8_0", choices=["f16", "q8_0", "q4_k_m"])
     p.add_argument("--out", help="output file (default: next to the adapter, gguf/NAME-QUANT.gguf)")
     p.add_argument("--check", type=int, default=8, help="held-out prompts llama.cpp answers to check the file "
                    "against the merged model (0: no check)")
 
-    p = sub.add_parser("init-model", help="build the embedded tiny Llama base model and tokenizer")
-    _add_config(p)
+
+def _init_model_args(p):
+    _config(p)
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
 
-    p = sub.add_parser("k8s", help="render a KubeRay RayJob (training) and RayService (serving) for a config")
-    _add_config(p)
+
+def _k8s_args(p):
+    _config(p)
     p.add_argument("-o", "--out", required=True, help="directory for rayjob.yaml and rayservice.yaml")
     p.add_argument("--image", default="", help="container image with Ray and this project (or use --working-dir)")
     p.add_argument("--workers", default="1", help="GPU worker pods of the training cluster (default 1)")
@@ -85,82 +93,134 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--working-dir", help="URI of a zip of this project for the job's runtime_env (default: the image's)")
     p.add_argument("--stage", default="train", help="the job's entry: prepare, train, tune, eval or merge (default train)")
 
-    p = sub.add_parser("reference", help="print the config reference generated from the schema")
+
+def _reference_args(p):
     p.add_argument("--write", action="store_true", help="update the reference block in README.md")
 
-    p = sub.add_parser("validate", help="validate a config and print it with overrides applied")
-    _add_config(p)
+
+# ---------------------------------------------------------------- what each verb runs
+
+def _prepare(a):
+    from orchestrator.data.prepare import run_prepare
+
+    run_prepare(a.config, a.overrides, a.parquet_dir)
+
+
+def _train(a):
+    from orchestrator.training.train import run_train
+
+    run_train(a.config, a.overrides, a.resume)
+
+
+def _tune(a):
+    from orchestrator.tuning.tune import run_tune
+
+    run_tune(a.config, a.overrides, a.resume)
+
+
+def _merge(a):
+    from orchestrator.artifacts.merge import run_merge
+
+    run_merge(a.config, a.adapter, a.overrides, a.out, a.method, not a.no_compare, a.examples)
+
+
+def _serve(a):
+    from orchestrator.deployment.launcher import run_serve
+
+    run_serve(a.configs, a.overrides, a.model)
+
+
+def _pipeline(a):
+    from orchestrator.pipeline import DEMO, run
+
+    run(getattr(a, "pipeline", DEMO), a.overrides)
+
+
+def _eval(a):
+    from orchestrator.artifacts.evaluate import run_eval
+
+    run_eval(a.config, a.adapter, a.overrides, a.limit)
+
+
+def _export(a):
+    from orchestrator.artifacts.export import run_export
+
+    run_export(a.config, a.adapter, a.overrides, a.format, a.quant, a.out, a.check)
+
+
+def _init_model(a):
+    from orchestrator.core.config import load_config
+    from orchestrator.data.base import ensure_base_model
+
+    cfg = load_config(a.config, a.overrides)
+    if not cfg.model.build_tiny:
+        raise ConfigError(f"{a.config}: model.build_tiny is false; nothing to build")
+    ensure_base_model(cfg, force=a.force)  # a rebuild replaces the old one in one rename
+    print(f"tiny base model: {cfg.model.name_or_path} (its build: build.json)")
+
+
+def _k8s(a):
+    from orchestrator.deployment.k8s import run_k8s
+
+    run_k8s(a.config, a.out, a.overrides, image=a.image, workers=a.workers, gpus_per_worker=a.gpus_per_worker,
+            worker_cpus=a.worker_cpus, worker_memory=a.worker_memory, namespace=a.namespace, pvc=a.pvc,
+            working_dir=a.working_dir, stage=a.stage)
+
+
+def _reference(a):
+    from orchestrator.core.reference import config_reference, update_readme
+    from orchestrator.pipeline import ROOT
+
+    if a.write:
+        update_readme(ROOT / "README.md", write=True)
+        print(f"updated {ROOT / 'README.md'}")
+    else:
+        print(config_reference(), end="")
+
+
+def _validate(a):
+    from orchestrator.core.config import dump_config, load_config
+
+    print(dump_config(load_config(a.config, a.overrides)), end="")
+
+
+Verb = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
+VERBS: list[Verb] = [
+    ("prepare", "run the data pipeline of a config and print counts", _prepare_args, _prepare),
+    ("train", "QLoRA fine-tune on Ray Train; writes adapter, metrics and report", _train_args, _train),
+    ("tune", "Ray Tune study over full training runs (ASHA, random/grid or Optuna)", _tune_args, _tune),
+    ("merge", "merge an adapter into its base (16-bit or dequantized) and measure fidelity", _merge_args, _merge),
+    ("serve", "deploy merged models on Ray Serve (OpenAI-compatible + entities API)", _serve_args, _serve),
+    ("pipeline", "run the stages of a pipeline file (train, tune, merge, serve, ask) end to end", _pipeline_args,
+     _pipeline),
+    ("demo", "the whole mission on this machine: configs/demo.yaml, no network, no arguments", _overrides, _pipeline),
+    ("eval", "score an adapter on the test split (NER P/R/F1; QA EM, F1, ROUGE-L)", _eval_args, _eval),
+    ("export", "merge an adapter and write it as one GGUF file for llama.cpp", _export_args, _export),
+    ("init-model", "build the embedded tiny Llama base model and tokenizer", _init_model_args, _init_model),
+    ("k8s", "render a KubeRay RayJob (training) and RayService (serving) for a config", _k8s_args, _k8s),
+    ("reference", "print the config reference generated from the schema", _reference_args, _reference),
+    ("validate", "validate a config and print it with overrides applied", _config, _validate),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help, add_args, run in VERBS:
+        p = sub.add_parser(name, help=help)
+        add_args(p)
+        p.set_defaults(run=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from orchestrator.runtime import setup_logging
+    from orchestrator.core.runtime import setup_logging
 
     setup_logging(args.verbose)
     try:
-        if args.command == "prepare":
-            from orchestrator.prepare import run_prepare
-
-            run_prepare(args.config, args.overrides, args.parquet_dir)
-        elif args.command == "train":
-            from orchestrator.train import run_train
-
-            run_train(args.config, args.overrides, args.resume)
-        elif args.command == "tune":
-            from orchestrator.tune import run_tune
-
-            run_tune(args.config, args.overrides, args.resume)
-        elif args.command == "merge":
-            from orchestrator.merge import run_merge
-
-            run_merge(args.config, args.adapter, args.overrides, args.out, args.method, not args.no_compare,
-                      args.examples)
-        elif args.command == "serve":
-            from orchestrator.deploy import run_serve
-
-            run_serve(args.configs, args.overrides, args.model)
-        elif args.command in ("pipeline", "demo"):
-            from orchestrator.pipeline import DEMO, run
-
-            run(args.pipeline if args.command == "pipeline" else DEMO, args.overrides)
-        elif args.command == "eval":
-            from orchestrator.evaluate import run_eval
-
-            run_eval(args.config, args.adapter, args.overrides, args.limit)
-        elif args.command == "export":
-            from orchestrator.export import run_export
-
-            run_export(args.config, args.adapter, args.overrides, args.format, args.quant, args.out, args.check)
-        elif args.command == "init-model":
-            from orchestrator.config import load_config
-            from orchestrator.tiny import ensure_base_model
-
-            cfg = load_config(args.config, args.overrides)
-            if not cfg.model.build_tiny:
-                raise ConfigError(f"{args.config}: model.build_tiny is false; nothing to build")
-            ensure_base_model(cfg, force=args.force)  # a rebuild replaces the old one in one rename
-            print(f"tiny base model: {cfg.model.name_or_path} (its build: build.json)")
-        elif args.command == "k8s":
-            from orchestrator.k8s import run_k8s
-
-            run_k8s(args.config, args.out, args.overrides, image=args.image, workers=args.workers,
-                    gpus_per_worker=args.gpus_per_worker, worker_cpus=args.worker_cpus,
-                    worker_memory=args.worker_memory, namespace=args.namespace, pvc=args.pvc,
-                    working_dir=args.working_dir, stage=args.stage)
-        elif args.command == "reference":
-            from orchestrator.pipeline import ROOT
-            from orchestrator.reference import config_reference, update_readme
-
-            if args.write:
-                update_readme(ROOT / "README.md", write=True)
-                print(f"updated {ROOT / 'README.md'}")
-            else:
-                print(config_reference(), end="")
-        elif args.command == "validate":
-            from orchestrator.config import dump_config, load_config
-
-            print(dump_config(load_config(args.config, args.overrides)), end="")
+        args.run(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

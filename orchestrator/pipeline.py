@@ -17,37 +17,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import (
+from orchestrator.core.config import (
     ConfigError,
     PipelineConfig,
     RunConfig,
     apply_overrides,
-    flatten,
+    dotted_keys,
     load_config,
     read_raw,
     validate_pipeline,
 )
-from orchestrator.io import atomic_write_bytes, atomic_write_text
+from orchestrator.core.io import atomic_write_text
+from orchestrator.reports.pipeline import RunOutcome, write_report
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
-
-
-@dataclass
-class RunOutcome:
-    cfg: RunConfig
-    metrics: dict[str, Any] = field(default_factory=dict)
-    train_s: float | None = None
-    study: list[dict[str, Any]] = field(default_factory=list)
-    best_trial: dict[str, Any] | None = None
-    merge: dict[str, Any] | None = None
-    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
-    answers: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -83,7 +72,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     cfgs = []
     for i, run in enumerate(pipe.runs):
         cfg_path = (path.parent / run.config).resolve()
-        sets = {**flatten(run.set), **flatten(pipe.set), "output_dir": str(out / pipe.name)}
+        sets = {**dotted_keys(run.set), **dotted_keys(pipe.set), "output_dir": str(out / pipe.name)}
         try:
             cfgs.append(load_config(cfg_path, [f"{k}={json.dumps(v)}" for k, v in sets.items()], base=base))
         except ConfigError as e:
@@ -95,8 +84,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
 
 
 def _train(cfg: RunConfig) -> tuple[dict[str, Any], float | None]:
-    from orchestrator.tiny import ensure_base_model
-    from orchestrator.train import run_training
+    from orchestrator.data.base import ensure_base_model
+    from orchestrator.training.train import run_training
 
     run_dir = Path(cfg.run_dir)
     if (run_dir / "adapter" / "adapter_config.json").exists() and (run_dir / "metrics.json").exists():
@@ -109,13 +98,13 @@ def _train(cfg: RunConfig) -> tuple[dict[str, Any], float | None]:
 
 
 def study_config(cfg: RunConfig, tune_set: dict[str, Any]) -> RunConfig:
-    from orchestrator.config import set_fields
+    from orchestrator.core.config import set_fields
 
-    return set_fields(cfg, {"name": f"{cfg.name}-tune", **flatten(tune_set)})
+    return set_fields(cfg, {"name": f"{cfg.name}-tune", **dotted_keys(tune_set)})
 
 
 def _tune(tcfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from orchestrator.tune import run_study
+    from orchestrator.tuning.tune import run_study
 
     table = Path(tcfg.run_dir) / "trials.json"
     if table.exists():
@@ -134,8 +123,8 @@ def _eval(cfg: RunConfig, n: int) -> dict[str, dict[str, Any]]:
     scored; written to RUN_DIR/eval_splits.json. NER runs are scored on their validation split while training."""
     if cfg.model.task != "causal_lm":
         return {}
-    from orchestrator.data import causal_lm_rows
-    from orchestrator.evaluate import evaluate_qa
+    from orchestrator.artifacts.evaluate import evaluate_qa
+    from orchestrator.data.pipelines import causal_lm_rows
 
     raw, _, _ = causal_lm_rows(cfg)
     adapter = Path(cfg.run_dir) / "adapter"
@@ -148,7 +137,8 @@ def _eval(cfg: RunConfig, n: int) -> dict[str, dict[str, Any]]:
 
 
 def _merge(cfg: RunConfig) -> dict[str, Any]:
-    from orchestrator.merge import heldout_rows, merge_adapter
+    from orchestrator.artifacts.merge import merge_adapter
+    from orchestrator.data.prepare import heldout_rows
 
     out = Path(cfg.run_dir) / "merged"
     if (out / "merge.json").exists() and (out / "config.json").exists():
@@ -191,7 +181,7 @@ def run_pipeline(pipe: PipelineConfig, cfgs: list[RunConfig]) -> PipelineResult:
     """Run the pipeline's stages in order over its runs, print a summary and write the report."""
     import ray
 
-    from orchestrator.runtime import init_ray
+    from orchestrator.core.runtime import init_ray
 
     stages = pipe.stages
     tuned = [(c, study_config(c, r.tune_set)) for c, r in zip(cfgs, pipe.runs, strict=True) if r.tune]
@@ -231,7 +221,7 @@ def run_pipeline(pipe: PipelineConfig, cfgs: list[RunConfig]) -> PipelineResult:
             for o in outcomes:
                 o.merge = _merge(o.cfg)
         if "serve" in stages:
-            from orchestrator.deploy import app_args, start, urls
+            from orchestrator.deployment.launcher import app_args, start, urls
 
             progress.stage("serve: one Ray Serve app with " + ", ".join(c.name for c in cfgs))
             args = app_args(cfgs)
@@ -273,112 +263,6 @@ def _print_answers(o: RunOutcome) -> None:
         else:
             ents = "; ".join(f"{e['text']} ({e['type']}, {e['score']:.2f})" for e in a["entities"]) or "(none)"
             print(f"  {a['text']}\n    -> {ents}")
-
-
-def summary_table(outcomes: list[RunOutcome]) -> list[list[str]]:
-    rows = [["run", "task", "steps", "train loss", "eval", "train time", "tune best", "merge KL / top-1"]]
-    for o in outcomes:
-        m = o.metrics
-        ev = ", ".join(f"{k} {v:.3g}" for k, v in m.get("final_eval", {}).items()
-                       if k in ("val_loss", "perplexity", "entity_f1")) or "-"
-        best = "-"
-        if o.best_trial:
-            metric = next(k for k in o.best_trial if k.startswith("best_"))
-            best = f"{metric[5:]} {o.best_trial[metric]:.3g} ({len(o.study)} trials)"
-        fid = "-"
-        if o.merge:
-            f = o.merge["fidelity"][o.merge["method"]]
-            fid = f"{f['mean_kl']:.1e} / {f['top1_agreement']:.3f}"
-        rows.append([o.cfg.name, o.cfg.model.task, str(m.get("steps", "-")),
-                     f"{m['first_loss']:.3g} -> {m['final_loss']:.3g}" if m else "-", ev,
-                     f"{o.train_s:.0f} s" if o.train_s else ("earlier" if m else "-"), best, fid])
-    return rows
-
-
-def _text_table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-
-
-def _md_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows[1:]])
-
-
-def _loss_plot(outcomes: list[RunOutcome]) -> bytes:
-    import matplotlib
-
-    from orchestrator.report import figure_png
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(outcomes), figsize=(5.5 * len(outcomes), 3.4), dpi=110, squeeze=False)
-    for ax, o in zip(axes[0], outcomes, strict=True):
-        hist = o.metrics.get("history", [])
-        ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label="train loss")
-        ev = [h for h in hist if "val_loss" in h]
-        if ev:
-            ax.plot([h["step"] for h in ev], [h["val_loss"] for h in ev], marker="o", label="val loss")
-        ax.set_title(o.cfg.name)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return figure_png(fig)
-
-
-def write_report(pipe: PipelineConfig, report_dir: Path, outcomes: list[RunOutcome], url: str | None,
-                 elapsed: str) -> str:
-    """report.md + losses.png + summary.json in ``report_dir``; returns the printed summary table."""
-    rows = summary_table(outcomes)
-    md = [f"# Pipeline {pipe.name}", "", f"Stages: {', '.join(pipe.stages)}. Wall time: {elapsed}.", "",
-          _md_table(rows), ""]
-    if any(o.metrics for o in outcomes):
-        atomic_write_bytes(report_dir / "losses.png", _loss_plot([o for o in outcomes if o.metrics]))
-        md += ["![training curves](losses.png)", ""]
-    for o in outcomes:
-        name = o.cfg.name
-        md += [f"## {name}", "", f"Run report: [{name}/report.md]({name}/report.md)"]
-        from orchestrator.tracking import where_to_look
-
-        if looks := where_to_look(o.cfg.run_dir):
-            md += ["", "Tracking:", "", *[f"- `{line.split(':', 1)[0]}`: {line.split(':', 1)[1].strip()}"
-                                          for line in looks]]
-        if o.study:
-            metric = next(k for k in o.study[0] if k.startswith("best_"))
-            md += ["", f"Tune study ({name}-tune/trials.csv):", "",
-                   _md_table([["trial", metric, "status", "evals"]]
-                             + [[t["trial_id"], f"{t[metric]:.4g}" if t[metric] is not None else "-", t["status"],
-                                 str(t["evals"])] for t in o.study])]
-        if o.evals:
-            md += ["", "Greedy answers, scored against the reference clauses:", "",
-                   _md_table([["questions", "examples", "exact match", "token F1", "ROUGE-L"]]
-                             + [[f"{split} split" + (" (trained on)" if split == "train" else " (held out)"),
-                                 str(r["examples"]), f"{r['exact_match']:.3f}", f"{r['token_f1']:.3f}",
-                                 f"{r['rouge_l']:.3f}"] for split, r in o.evals.items()])]
-        if o.cfg.model.task == "token_classification" and "entity_f1" in o.metrics.get("final_eval", {}):
-            fe = o.metrics["final_eval"]
-            md += ["", f"Validation split (devel), last evaluation: entity precision {fe['entity_precision']:.3f}, "
-                   f"recall {fe['entity_recall']:.3f}, **F1 {fe['entity_f1']:.3f}** (seqeval, strict spans)."]
-        if o.merge:
-            md += ["", f"Merged model: [{name}/merged]({name}/merged/README.md) ({o.merge['method']})"]
-        for a in o.answers:
-            if "question" in a:
-                md += ["", f"**Q:** {a['question']}", "", f"**A:** {a['answer']}"]
-            else:
-                ents = ", ".join(f"`{e['text']}` ({e['type']})" for e in a["entities"]) or "none"
-                md += ["", f"*{a['text']}* → {ents}"]
-        md.append("")
-    if url:
-        md += [f"Served at {url} ({'still running' if pipe.keep_serving else 'shut down after the run'}).", ""]
-    atomic_write_text(report_dir / "report.md", "\n".join(md))
-    atomic_write_text(report_dir / "summary.json", json.dumps(
-        {"name": pipe.name, "stages": pipe.stages, "wall": elapsed, "table": rows,
-         "answers": {o.cfg.name: o.answers for o in outcomes},
-         "evals": {o.cfg.name: {k: {m: v for m, v in r.items() if m != "samples"} for k, r in o.evals.items()}
-                   for o in outcomes if o.evals},
-         "tune_best": {o.cfg.name: o.best_trial for o in outcomes if o.best_trial}}, indent=2, default=str))
-    return _text_table(rows)
 
 
 def run(path: str | Path, overrides: list[str] | None = None) -> PipelineResult:

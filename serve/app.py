@@ -20,10 +20,10 @@ from ray import serve
 
 from serve.entities import EntityExtractor
 from serve.gateway import GatewayDeployment
-from serve.generator import MAX_ADAPTERS_PER_REPLICA, TextGenerator, _Coalescer
+from serve.generator import MAX_ADAPTERS_PER_REPLICA, TextGenerator
 from serve.schemas import AppArgs, ModelSpec
 
-__all__ = ["MAX_ADAPTERS_PER_REPLICA", "ModelSpec", "TextGenerator", "EntityExtractor", "_Coalescer", "build_app"]
+__all__ = ["MAX_ADAPTERS_PER_REPLICA", "ModelSpec", "TextGenerator", "EntityExtractor", "build_app"]
 
 
 def _options(spec: ModelSpec) -> dict[str, Any]:

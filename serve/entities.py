@@ -6,7 +6,7 @@ from typing import Any
 
 from ray import serve
 
-from serve.generator import MAX_BATCHES_IN_FLIGHT, _Coalescer, _device
+from serve.generator import MAX_BATCHES_IN_FLIGHT, Coalescer, serving_device
 from serve.schemas import ModelSpec
 
 
@@ -18,13 +18,13 @@ class EntityExtractor:
         from transformers import AutoModelForTokenClassification, AutoTokenizer
 
         self.spec = ModelSpec.model_validate(spec)
-        self.device = _device()
+        self.device = serving_device()
         self.tokenizer = AutoTokenizer.from_pretrained(self.spec.path)
         self.model = AutoModelForTokenClassification.from_pretrained(self.spec.path).to(self.device).eval()
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.extract_batch.set_max_batch_size(self.spec.max_batch_size)
         self.extract_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
-        self.coalescer = _Coalescer(self._extract, self.spec.max_batch_size)
+        self.coalescer = Coalescer(self._extract, self.spec.max_batch_size)
         torch.set_grad_enabled(False)
 
     def check_health(self) -> None:

@@ -19,7 +19,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from serve.schemas import ChatRequest, CompletionRequest, EntitiesRequest, _Sampling
+from serve.schemas import ChatRequest, CompletionRequest, EntitiesRequest, SamplingRequest
 
 STATIC = Path(__file__).resolve().parent / "static"
 REPLICA_LOST = (RayActorError, ActorUnavailableError)  # a replica that died (or was lost) mid-request
@@ -80,7 +80,7 @@ class Gateway:
     def _busy():
         return _error(503, "the server is at capacity; retry shortly", kind="overloaded")
 
-    async def _text(self, request: Request, body: _Sampling, kind: str):
+    async def _text(self, request: Request, body: SamplingRequest, kind: str):
         picked, err = self._route(request, body.model, "causal_lm")
         if err:
             return err

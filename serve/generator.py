@@ -15,19 +15,19 @@ from ray import serve
 from serve.schemas import ClientError, ModelSpec
 
 
-def _device():
+def serving_device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _dtype(device):
+def serving_dtype(device):
     import torch
 
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-# Batches formed by @serve.batch may all be in flight at once; _Coalescer decides what runs together.
+# Batches formed by @serve.batch may all be in flight at once; Coalescer decides what runs together.
 MAX_BATCHES_IN_FLIGHT = 64
 
 
@@ -42,7 +42,7 @@ class _BatchSizeWarningFilter(logging.Filter):
 logging.getLogger("ray.serve").addFilter(_BatchSizeWarningFilter())
 
 
-class _Coalescer:
+class Coalescer:
     """Runs a batch function on one worker thread at a time. @serve.batch (Ray 2.60) forms a batch from
     what arrives within its wait timeout and does not wait for the model to be free before forming the
     next one, so under load it hands over many small batches; the ones handed in while the model is busy
@@ -131,14 +131,14 @@ class TextGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.spec = ModelSpec.model_validate(spec)
-        self.device = _device()
+        self.device = serving_device()
         source = self.spec.path or self.spec.base
         self.tokenizer = AutoTokenizer.from_pretrained(next(iter(self.spec.adapters.values()), source)
                                                        if self.spec.adapters else source)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(self.device)).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=serving_dtype(self.device)).to(self.device).eval()
         model.config.use_cache = True
         self.model = model
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
@@ -146,7 +146,7 @@ class TextGenerator:
         self.generate_batch.set_max_batch_size(self.spec.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self.batches: list[tuple[int, float]] = []  # recent batches: (size, seconds in generate)
-        self.coalescer = _Coalescer(self._run_batch, self.spec.max_batch_size)
+        self.coalescer = Coalescer(self._run_batch, self.spec.max_batch_size)
         torch.set_grad_enabled(False)
         self.engine = self._start_engine()
         self._wakeups: _Wakeups | None = None
@@ -255,7 +255,7 @@ class TextGenerator:
         return {"loaded": names, "lora_parameters": n}
 
     def _prompt(self, req: dict[str, Any]) -> str:
-        from orchestrator.tokenization import format_prompt_answer
+        from orchestrator.data.tokenization import format_prompt_answer
 
         if "prompt" in req:
             return req["prompt"]

@@ -83,7 +83,7 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
-class _Sampling(_Req):
+class SamplingRequest(_Req):
     model: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -103,11 +103,11 @@ class _Sampling(_Req):
         return _text(v)
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str
 
     _check_text = field_validator("prompt")(_text)

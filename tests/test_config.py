@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.config import ConfigError, load_config
+from orchestrator.core.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "demo.yaml")  # demo: a pipeline file
@@ -105,7 +105,7 @@ def test_cli_validate_prints_resolved_config(capsys):
 
 
 def test_readme_config_reference_is_generated_from_the_schema():
-    from orchestrator.reference import config_reference, update_readme
+    from orchestrator.core.reference import config_reference, update_readme
 
     ref = config_reference()
     assert "#### `train`" in ref and "| `lr` | float | `0.0002` |" in ref and "#### `runs[]`" in ref

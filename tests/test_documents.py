@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from orchestrator.documents import clean_page, segment, split_clauses
+from orchestrator.data.documents import clean_page, segment, split_clauses
 
 # Titles checked by hand against the published English text of the Constitution of Nepal (2015).
 KNOWN = {

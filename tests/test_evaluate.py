@@ -1,6 +1,6 @@
 """QA scoring functions (exact match, token F1, ROUGE-L) on known cases."""
 
-from orchestrator.evaluate import exact_match, normalize, rouge_l, token_f1
+from orchestrator.reports.scores import exact_match, normalize, rouge_l, token_f1
 
 
 def test_normalize_and_exact_match():

@@ -44,11 +44,12 @@ def run_dir(tmp_path_factory):
 def heldout(articles):
     """The config's test-split questions, split as the pipeline splits them (without starting Ray here: Ray Data
     state left in this process breaks the multi-node tests' later connection to another cluster)."""
-    from orchestrator.config import load_config
-    from orchestrator.data import _split, qa_pairs
+    from orchestrator.core.config import load_config
+    from orchestrator.data.pipelines import qa_pairs
+    from orchestrator.data.splits import split_for
 
     cfg = load_config(CONFIG, [])
-    return _split(cfg, qa_pairs(cfg, [a.to_row() for a in articles]))["test"]
+    return split_for(cfg, qa_pairs(cfg, [a.to_row() for a in articles]))["test"]
 
 
 def overrides(run: Path) -> list[str]:
@@ -59,8 +60,8 @@ def overrides(run: Path) -> list[str]:
 def test_gguf_loads_in_llama_cpp_and_agrees_with_the_merged_model(run_dir, heldout, quant):
     import gguf
 
-    from orchestrator.config import load_config
-    from orchestrator.export import export_gguf
+    from orchestrator.artifacts.export import export_gguf
+    from orchestrator.core.config import load_config
 
     r = export_gguf(load_config(CONFIG, overrides(run_dir)), run_dir / "adapter", quant, check=6, rows=heldout)
     path = Path(r["path"])
@@ -90,7 +91,7 @@ def test_llama_cpp_tokenizes_like_transformers(run_dir):
     import xllamacpp
     from transformers import AutoTokenizer
 
-    from orchestrator.export import run_export
+    from orchestrator.artifacts.export import run_export
 
     path = run_dir / "gguf" / "constitution-qa-tiny-q8_0.gguf"
     if not path.exists():
@@ -115,8 +116,8 @@ def test_unsupported_inputs_fail_before_any_work(run_dir, tmp_path):
     each, naming what is missing, and no file written."""
     from transformers import GPT2Config
 
-    from orchestrator.config import ConfigError
-    from orchestrator.export import run_export
+    from orchestrator.artifacts.export import run_export
+    from orchestrator.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.task is token_classification; GGUF export is for causal"):
         run_export(ROOT / "configs/medical-ner-tiny.yaml", run_dir / "adapter", overrides(run_dir))

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.config import load_config, set_fields
-from orchestrator.flat import FlatParameters
-from orchestrator.strategy import DDPStrategy
-from orchestrator.train import make_optimizer
+from orchestrator.core.config import load_config, set_fields
+from orchestrator.training.flat_params import FlatParameters
+from orchestrator.training.loop import make_optimizer
+from orchestrator.training.strategy import DDPStrategy
 
 from .conftest import ROOT
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.config import load_config
+from orchestrator.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "constitution-qa.yaml"
@@ -77,7 +77,7 @@ def test_rayjob_runs_the_readme_job_on_gpu_workers_with_shared_storage(rendered)
 def test_rayservice_serves_what_orchestrator_serve_deploys(rendered):
     from ray.serve.schema import ServeDeploySchema
 
-    from orchestrator.deploy import app_args, serve_config
+    from orchestrator.deployment.launcher import app_args, serve_config
 
     svc = rendered["rayservice"]["spec"]
     serve_cfg = yaml.safe_load(svc["serveConfigV2"])

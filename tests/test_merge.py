@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from orchestrator.config import validate_config
-from orchestrator.merge import merge_adapter
+from orchestrator.artifacts.merge import merge_adapter
+from orchestrator.core.config import validate_config
 
 from .conftest import FIXTURES, PDF
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, dump_config, validate_config
-from orchestrator.train import PLACEMENT_GROUP_FILE, run_training
+from orchestrator.core.config import ConfigError, dump_config, validate_config
+from orchestrator.training.loop import PLACEMENT_GROUP_FILE
+from orchestrator.training.train import run_training
 
 from .conftest import PDF, ROOT, forget_ray_address, start_local_ray
 from .test_jobs import agent_ports, free_port

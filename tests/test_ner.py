@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from orchestrator.ner import NERFormatError, label_list, read_conll, read_ner, read_ner_json, split_80_10_10
-from orchestrator.tokenization import IGNORE, encode_ner
+from orchestrator.data.ner import NERFormatError, label_list, read_conll, read_ner, read_ner_json
+from orchestrator.data.splits import split_rows
+from orchestrator.data.tokenization import IGNORE, encode_ner
 
 from .conftest import BC5CDR
 
@@ -68,9 +69,9 @@ def test_json_form_and_its_errors(tmp_path):
 
 def test_seeded_80_10_10_split():
     rows = list(range(1000))
-    a = split_80_10_10(rows, seed=7)
+    a = split_rows(rows, seed=7)
     assert [len(x) for x in a] == [800, 100, 100]
-    assert a == split_80_10_10(rows, seed=7) and a != split_80_10_10(rows, seed=8)
+    assert a == split_rows(rows, seed=7) and a != split_rows(rows, seed=8)
     assert sorted(a[0] + a[1] + a[2]) == rows
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.tokenization import IGNORE, encode_qa, fill_rows, pack, pad_batch
+from orchestrator.data.tokenization import IGNORE, encode_qa, fill_rows, pack, pad_batch
 
 
 def _examples(tok, n=12):
@@ -81,9 +81,9 @@ def test_pad_batch_pads_to_longest_and_masks():
 def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_model_dir):
     """train.loss_chunk_tokens: the wrapper's loss and LoRA gradients match transformers' own loss on a
     4-bit + LoRA model, with packed rows (position_ids restart) and prompt tokens masked."""
-    from orchestrator.config import validate_config
-    from orchestrator.loss import ChunkedLossCausalLM, training_module
-    from orchestrator.model import load_for_training
+    from orchestrator.core.config import validate_config
+    from orchestrator.training.loss import ChunkedLossCausalLM, training_module
+    from orchestrator.training.model import load_for_training
 
     cfg = validate_config({"name": "x", "model": {"name_or_path": str(tiny_model_dir), "task": "causal_lm"},
                            "quantization": {"bits": 4, "compute_dtype": "float32"}, "lora": {"r": 4, "dropout": 0.0},

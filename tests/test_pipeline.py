@@ -7,9 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from orchestrator.config import validate_config
-from orchestrator.data import make_collate, prepare, read_articles, read_parquet, split_stats, write_parquet
-from orchestrator.tokenization import IGNORE
+from orchestrator.core.config import validate_config
+from orchestrator.data.pipelines import (
+    make_collate,
+    prepare,
+    read_articles,
+    read_parquet,
+    split_stats,
+    write_parquet,
+)
+from orchestrator.data.tokenization import IGNORE
 
 from .conftest import BC5CDR, PDF
 
@@ -133,7 +140,7 @@ def test_ray_train_workers_stream_their_shards(ray_local, tmp_path):
 def test_prepare_command_builds_the_tiny_model_and_reuses_parquet(ray_local, tmp_path, capsys):
     """The README's demo command on the shipped tiny config (fewer articles), through the CLI entry."""
     from orchestrator.cli import main
-    from orchestrator.prepare import prepare_data
+    from orchestrator.data.prepare import prepare_data
 
     from .conftest import ROOT
 
@@ -146,7 +153,7 @@ def test_prepare_command_builds_the_tiny_model_and_reuses_parquet(ray_local, tmp
     assert "1 documents, 308 articles" in out and "efficiency = real tokens / slots (packed" in out
     assert (tmp_path / "tiny/config.json").exists() and (tmp_path / "tiny/tokenizer.json").exists()
     assert (tmp_path / "pq/train").is_dir()
-    from orchestrator.config import load_config
+    from orchestrator.core.config import load_config
 
     cfg = load_config(ROOT / "configs/constitution-qa-tiny.yaml",
                       [f"model.name_or_path={tmp_path / 'tiny'}", "data.qa.max_articles=20", "model.tiny_pretrain_steps=3",

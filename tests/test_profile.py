@@ -6,7 +6,7 @@ import pytest
 
 
 def test_busy_fraction_and_gaps_from_a_trace():
-    from orchestrator.profile import summarize_trace
+    from orchestrator.training.profile import summarize_trace
 
     ev = [{"ph": "X", "cat": "user_annotation", "name": "optimizer_step_3", "ts": 0, "dur": 100},
           {"ph": "X", "cat": "user_annotation", "name": "optimizer_step_4", "ts": 100, "dur": 100},
@@ -25,7 +25,7 @@ def test_busy_fraction_and_gaps_from_a_trace():
 
 
 def test_profile_steps_are_validated():
-    from orchestrator.config import ConfigError, load_config
+    from orchestrator.core.config import ConfigError, load_config
 
     from .conftest import ROOT
 

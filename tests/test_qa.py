@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from orchestrator.qa import LLMQAGenerator, read_qa_jsonl, rule_based_pairs
-from orchestrator.tokenization import IGNORE, encode_qa, format_prompt_answer
+from orchestrator.data.qa import LLMQAGenerator, read_qa_jsonl, rule_based_pairs
+from orchestrator.data.tokenization import IGNORE, encode_qa, format_prompt_answer
 
 
 def test_rule_based_pairs_shape_and_determinism(articles):

@@ -27,8 +27,8 @@ def _spec(name, task, path, **kw):
 @pytest.fixture(scope="module")
 def ner_merged(tmp_path_factory):
     """The fixture BC5CDR adapter (see tests/fixtures/README.md) merged into the packaged MiniLM."""
-    from orchestrator.config import load_config
-    from orchestrator.merge import merge_adapter
+    from orchestrator.artifacts.merge import merge_adapter
+    from orchestrator.core.config import load_config
 
     from .conftest import ROOT
 
@@ -44,7 +44,7 @@ def ner_merged(tmp_path_factory):
 def app(ray_local, tiny_model_dir, ner_merged, random_adapter, tmp_path_factory):
     from ray import serve
 
-    from orchestrator.deploy import start
+    from orchestrator.deployment.launcher import start
 
     from .conftest import make_random_adapter
 
@@ -337,8 +337,8 @@ def test_serve_config_file_is_valid_for_serve_deploy(tiny_model_dir, tmp_path):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from orchestrator.config import ConfigError, load_config
-    from orchestrator.deploy import app_args, serve_config
+    from orchestrator.core.config import ConfigError, load_config
+    from orchestrator.deployment.launcher import app_args, serve_config
     from serve.app import build_app
 
     from .conftest import ROOT
@@ -361,7 +361,7 @@ def test_coalescer_merges_batches_handed_in_while_the_model_is_busy():
     max_size items; every caller gets its own results, in order; a failing call fails its callers and the next one runs."""
     import threading
 
-    from serve.app import _Coalescer
+    from serve.generator import Coalescer
 
     calls: list[list[int]] = []
     release = threading.Event()
@@ -375,7 +375,7 @@ def test_coalescer_merges_batches_handed_in_while_the_model_is_busy():
         return [x * 10 for x in items]
 
     async def main():
-        co = _Coalescer(fn, max_size=5)
+        co = Coalescer(fn, max_size=5)
         first = asyncio.create_task(co.submit([1, 2]))
         await asyncio.sleep(0.05)
         later = [asyncio.create_task(co.submit(b)) for b in ([3], [4, 5], [6, 7, 8])]
@@ -436,7 +436,7 @@ def test_serve_given_an_adapter_merges_it_onto_the_base_it_records(ray_local, tm
                                                                    tiny_model_dir):
     """`orchestrator serve CONFIG --model ADAPTER`: the adapter is merged first, onto the base its
     adapter_config.json records (not the config's), and the merged model is what gets served."""
-    from orchestrator.deploy import served_model
+    from orchestrator.deployment.launcher import served_model
 
     adapter = adapter_on(random_adapter, tmp_path / "run" / "adapter", str(tiny_model_dir))
     sets = [f"model.name_or_path={tmp_path / 'other'}", "data.qa.max_articles=12", f"output_dir={tmp_path}"]

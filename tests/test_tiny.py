@@ -7,7 +7,7 @@ def test_pretraining_lowers_the_loss_on_corpus_text(constitution_pages):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.tiny import pretrain, train_tokenizer
+    from orchestrator.data.base import pretrain, train_tokenizer
 
     texts = ["\n".join(lines) for _, lines in constitution_pages]
     tok = train_tokenizer(texts, vocab_size=1024)
@@ -25,9 +25,9 @@ def test_the_shipped_base_learnt_the_training_split_and_nothing_held_out(ray_loc
     import hashlib
     import json
 
-    from orchestrator.config import load_config
-    from orchestrator.data import causal_lm_rows
-    from orchestrator.tiny import base_corpus
+    from orchestrator.core.config import load_config
+    from orchestrator.data.base import base_corpus
+    from orchestrator.data.pipelines import causal_lm_rows
 
     from .conftest import ROOT
 

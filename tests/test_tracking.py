@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import tracking
-from orchestrator.config import ConfigError
+from orchestrator.core import tracking
+from orchestrator.core.config import ConfigError
 
 
 def wandb_records(offline_dir: Path):
@@ -97,7 +97,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     """A training resumed after its driver died logs into the MLflow run it began (tracking.json)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.config import validate_config
+    from orchestrator.core.config import validate_config
 
     cfg = validate_config({"name": "r", "model": {"name_or_path": "tiny", "task": "causal_lm"},
                            "data": {"format": "pdf", "train": ["a.pdf"]}, "output_dir": str(tmp_path),

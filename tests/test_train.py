@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator import tracking
-from orchestrator.config import ConfigError, validate_config
-from orchestrator.data import prepare
-from orchestrator.train import FAULT_ENV, run_training
+from orchestrator.core import tracking
+from orchestrator.core.config import ConfigError, validate_config
+from orchestrator.data.pipelines import prepare
+from orchestrator.training.train import FAULT_ENV, run_training
 
 from .conftest import BC5CDR, PDF
 from .test_tracking import closed_port, tensorboard_scalars, wandb_records
@@ -70,7 +70,7 @@ def test_causal_lm_trains_and_writes_outputs(qa_run, qa_prepared, tiny_model_dir
     assert model.peft_config["default"].r == 8
     with pytest.raises(ConfigError, match="already holds a run"):
         run_training(cfg, prepared=qa_prepared)
-    from orchestrator.evaluate import evaluate_qa
+    from orchestrator.artifacts.evaluate import evaluate_qa
 
     ev = evaluate_qa(cfg, run / "adapter", qa_prepared.raw["train"][:4])
     assert ev["examples"] == 4 and 0.0 <= ev["rouge_l"] <= 1.0 and 0.0 <= ev["token_f1"] <= 1.0
@@ -82,8 +82,8 @@ def test_adapter_card_carries_training_and_eval_results(qa_run, tmp_path):
     then, after `orchestrator eval`, the test results of eval.json."""
     from huggingface_hub import ModelCard
 
-    from orchestrator.config import dump_config
-    from orchestrator.evaluate import run_eval
+    from orchestrator.artifacts.evaluate import run_eval
+    from orchestrator.core.config import dump_config
 
     cfg, res = qa_run
     card = ModelCard.load(res.adapter_dir / "README.md")
@@ -114,8 +114,8 @@ def test_adapter_card_carries_training_and_eval_results(qa_run, tmp_path):
 def test_training_run_is_tracked_in_mlflow_wandb_and_tensorboard(qa_run, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.config import dump_config
-    from orchestrator.evaluate import run_eval
+    from orchestrator.artifacts.evaluate import run_eval
+    from orchestrator.core.config import dump_config
 
     cfg, res = qa_run  # after the card test: the eval below rewrites the card with test results
     record = json.loads((res.run_dir / tracking.TRACKING_FILE).read_text())
@@ -126,7 +126,7 @@ def test_training_run_is_tracked_in_mlflow_wandb_and_tensorboard(qa_run, tmp_pat
     assert [r.info.run_id for r in runs] == [m["run_id"]]  # one run for 2 workers: rank 0 alone logs
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params == tracking.flat_params(cfg)  # every resolved field, named as --set names it
+    assert run.data.params == tracking.config_params(cfg)  # every resolved field, named as --set names it
     assert run.data.params["train.lr"] == "0.005" and run.data.params["scaling.num_workers"] == "2"
     assert run.data.tags["task"] == "causal_lm" and run.data.tags["data_sources"] == cfg.data.train[0].split("/")[-1]
     assert run.data.tags["base_model"] == cfg.model.name_or_path
@@ -174,8 +174,8 @@ def test_training_run_is_tracked_in_mlflow_wandb_and_tensorboard(qa_run, tmp_pat
 
 def test_only_lora_parameters_change(tiny_model_dir, tmp_path):
     """The k-bit-prepared base stays frozen under the project's optimizer: only LoRA tensors move."""
-    from orchestrator.model import load_for_training
-    from orchestrator.train import make_optimizer
+    from orchestrator.training.loop import make_optimizer
+    from orchestrator.training.model import load_for_training
 
     cfg = qa_cfg(tiny_model_dir, tmp_path, optimizer="paged_adamw_32bit")
     model = load_for_training(cfg, torch.device("cpu"))
@@ -216,7 +216,8 @@ def test_eval_pass_keeps_training_gradients(tiny_model_dir, tmp_path, record_pro
     nothing. Where the CPU has that path, the test also turns it back on and shows what it guards against."""
     import bitsandbytes as bnb
 
-    from orchestrator.model import cpu_4bit_packing, cpu_4bit_path, load_for_training
+    from orchestrator.training.model import cpu_4bit_packing, load_for_training
+    from tests.conftest import cpu_4bit_path
 
     packed = cpu_4bit_packing()
     record_property("cpu_4bit_path", cpu_4bit_path())
@@ -270,8 +271,8 @@ def test_ner_trains_with_entity_metrics_even_with_its_tracking_server_down(ray_l
     from safetensors.torch import load_file
 
     assert any("classifier" in k for k in load_file(res.adapter_dir / "adapter_model.safetensors"))
-    from orchestrator.evaluate import evaluate_ner
-    from orchestrator.ner import read_conll
+    from orchestrator.artifacts.evaluate import evaluate_ner
+    from orchestrator.data.ner import read_conll
 
     test = read_conll(BC5CDR / "test.conll.gz")[:48]
     ev = evaluate_ner(cfg, res.adapter_dir, test, json.loads((res.adapter_dir / "labels.json").read_text()))
@@ -311,7 +312,7 @@ def test_deepspeed_zero_matches_ddp_and_resumes_exactly(qa_run, qa_prepared, tin
     path where bitsandbytes could repack the base's weights (kept off in training: orchestrator.model)."""
     from safetensors.torch import load_file
 
-    from orchestrator.model import cpu_4bit_path
+    from tests.conftest import cpu_4bit_path
 
     record_property("cpu_4bit_path", cpu_4bit_path())
 
@@ -336,7 +337,7 @@ def test_deepspeed_zero_matches_ddp_and_resumes_exactly(qa_run, qa_prepared, tin
 
 
 def test_clear_errors(ray_local, tiny_model_dir, tmp_path):
-    from orchestrator.model import ModelLoadError
+    from orchestrator.core.sources import ModelLoadError
 
     cfg = qa_cfg(tmp_path / "no-such-model", tmp_path)
     with pytest.raises(ModelLoadError, match="no-such-model: no model here"):
@@ -386,7 +387,7 @@ def test_checkpoint_state_loads_without_running_pickled_code(tmp_path):
 
     import numpy as np
 
-    from orchestrator.train import load_state, rng_state, set_rng_state
+    from orchestrator.training.checkpoint import load_state, rng_state, set_rng_state
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     torch.save({"rng": [rng_state()], "history": [{"step": 1, "loss": 0.5}]}, tmp_path / "ok.pt")

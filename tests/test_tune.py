@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, load_config, validate_config
-from orchestrator.train import FAULT_ENV, run_training
-from orchestrator.tune import run_study
+from orchestrator.core.config import ConfigError, load_config, validate_config
+from orchestrator.training.train import FAULT_ENV, run_training
+from orchestrator.tuning.tune import run_study
 
 from .conftest import PDF
 
@@ -100,7 +100,7 @@ def test_asha_study_retries_a_failed_trial_and_best_config_reproduces(ray_local,
 
 
 def test_optuna_searcher_samples_the_configured_space(tiny_model_dir, tmp_path):
-    from orchestrator.tune import _searcher, param_space
+    from orchestrator.tuning.tune import _searcher, param_space
 
     cfg = study_cfg(tiny_model_dir, tmp_path, "optuna", search_alg="optuna",
                     search_space={"lora.r": {"type": "choice", "values": [4, 8, 16, 32]},

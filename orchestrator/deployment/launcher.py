@@ -1,0 +1,129 @@
+"""`orchestrator serve CONFIG [CONFIG ...]`: deploy merged models on Ray Serve (the app is serve/app.py).
+
+Each run config contributes one model: its merged model (``RUN_DIR/merged`` unless ``--model`` names
+another directory; an adapter directory there is merged first onto the base it records) with the config's
+``serve`` section (replicas, autoscaling, batching, limits). The same arguments are written as a Serve
+config file (``serve_config.yaml``) usable with ``serve deploy``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.core.config import ConfigError, RunConfig, load_config
+from orchestrator.core.io import atomic_write_text
+
+APP_NAME = "orchestrator"
+
+
+def model_spec(cfg: RunConfig, model_path: str | Path | None = None, check: bool = True) -> dict[str, Any]:
+    """serve/app.py's ModelSpec for one run config (``check``: the merged model must be here; off for a path
+    that exists only where the app will run, as in a RayService)."""
+    s = cfg.serve
+    path = Path(model_path) if model_path else Path(cfg.run_dir) / "merged"
+    if check and not (path / "config.json").is_file():
+        raise ConfigError(f"{cfg.name}: no merged model at {path} (run `orchestrator merge` first, or pass --model)")
+    auto = s.autoscaling
+    return {
+        "name": cfg.name, "task": cfg.model.task, "path": str(path.resolve() if check else path),
+        "chat_template": cfg.data.chat_template, "system_prompt": cfg.data.system_prompt,
+        "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
+        "max_tokens_limit": s.max_tokens_limit, "max_input_length": cfg.data.max_seq_length,
+        "max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests,
+        "autoscaling": {"min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
+                        "initial_replicas": max(auto.min_replicas, 1),
+                        "target_ongoing_requests": auto.target_ongoing_requests,
+                        "upscale_delay_s": auto.upscale_delay_s, "downscale_delay_s": auto.downscale_delay_s},
+        "num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
+        "engine": s.engine, "cuda_graphs": s.cuda_graphs, "kernels": s.kernels,
+    }
+
+
+def app_args(cfgs: list[RunConfig], model_paths: list[str | None] | None = None, check: bool = True) -> dict[str, Any]:
+    paths = model_paths or [None] * len(cfgs)
+    names = [c.name for c in cfgs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"served model names must differ: {names}")
+    return {"models": [model_spec(c, p, check) for c, p in zip(cfgs, paths, strict=True)],
+            "auth_token_env": cfgs[0].serve.auth_token_env}
+
+
+def serve_config(args: dict[str, Any], host: str, port: int) -> str:
+    """A Serve config file for `serve deploy` / `serve run` with the same application."""
+    doc = {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port},
+           "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "serve.app:build_app",
+                             "args": args}]}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Deploy the app on the connected Ray cluster (waits until it is healthy) and return its base URL."""
+    from ray import serve
+
+    from orchestrator.core.console import console
+    from serve.app import build_app
+
+    serve.start(http_options={"host": host, "port": port})
+    console.reroute()  # Serve sets up its own console logger when it starts
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def urls(url: str, args: dict[str, Any]) -> str:
+    lines = [f"chat page:        {url}/", f"health:           {url}/healthz", f"models:           {url}/v1/models"]
+    tasks = {m["task"] for m in args["models"]}
+    if "causal_lm" in tasks:
+        lines += [f"chat completions: {url}/v1/chat/completions", f"completions:      {url}/v1/completions"]
+    if "token_classification" in tasks:
+        lines.append(f"entities:         {url}/v1/entities")
+    return "\n".join(lines)
+
+
+def served_model(config: str | Path, model: str | None, overrides: list[str] | None = None) -> str | None:
+    """``--model`` as given, except an adapter directory: it is merged first (into ``merged/`` beside it) onto the
+    base the adapter records, as `orchestrator merge` would, and that merged model is served."""
+    from orchestrator.artifacts.adapters import is_adapter
+
+    if not model or not is_adapter(model):
+        return model
+    from orchestrator.artifacts.merge import run_merge
+
+    out = Path(model).resolve().parent / "merged"
+    if not (out / "config.json").is_file():
+        print(f"{model}: an adapter; merging it into its base first ({out})")
+        run_merge(config, model, overrides, str(out), compare=False, examples=8)
+    return str(out)
+
+
+def run_serve(configs: list[str | Path], overrides: list[str] | None = None, models: list[str] | None = None,
+              blocking: bool = True) -> str:
+    """Entry for `orchestrator serve` (blocks) and jobs/deploy.py (returns; Serve apps outlive the job)."""
+    from orchestrator.core.runtime import init_ray
+
+    cfgs = [load_config(c, overrides) for c in configs]
+    if models and len(models) != len(cfgs):
+        raise ConfigError(f"--model given {len(models)} times for {len(cfgs)} configs")
+    models = [served_model(c, m, overrides) for c, m in zip(configs, models or [None] * len(cfgs), strict=True)]
+    args = app_args(cfgs, models)
+    s = cfgs[0].serve
+    out = Path(cfgs[0].output_dir) / "serve_config.yaml"
+    atomic_write_text(out, serve_config(args, s.host, s.port))
+    init_ray(log_file=Path(cfgs[0].output_dir) / "ray.log")
+    url = start(args, s.host, s.port)
+    print(f"serve config: {out}")
+    if blocking:
+        print(urls(url, args) + "\n(Ctrl-C stops)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            from ray import serve
+
+            serve.shutdown()
+    else:
+        print(urls(url, args))
+    return url

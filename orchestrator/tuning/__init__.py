@@ -1,0 +1,1 @@
+"""Ray Tune studies whose trials are full Ray Train runs."""
