@@ -32,10 +32,11 @@ from orchestrator.core.config import (
     validate_pipeline,
 )
 from orchestrator.core.io import atomic_write_text
+from orchestrator.core.runtime import PROJECT_ROOT
 from orchestrator.reports.pipeline import RunOutcome, write_report
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = PROJECT_ROOT
 DEMO = ROOT / "configs" / "demo.yaml"
 
 

@@ -1,11 +1,12 @@
 """The Ray Serve application: merged (or LoRA-multiplexed) models behind one FastAPI ingress.
 
-* ``TextGenerator`` (serve/generator.py): a causal LM; merged Llama-family models decode on the
-  continuous-batching engine (serve/engine.py), others through ``generate`` in dynamic batches; several
-  LoRA adapters on one base (``@serve.multiplexed``, chosen by the request's ``model``).
+* ``TextGenerator`` (serve/generator.py): a causal LM; the families the engine implements decode on the
+  continuous-batching engine (serve/engine.py: paged KV cache, chunked prefill, prefix caching, LoRA adapters
+  of the base in the same steps, chosen by the request's ``model``), others through ``generate``.
 * ``EntityExtractor`` (serve/entities.py): a token-classification model; batched; BIO tags -> spans.
 * ``Gateway`` (serve/gateway.py): the FastAPI ingress. OpenAI-compatible ``/v1/chat/completions``,
-  ``/v1/completions``, ``/v1/models``; ``/v1/entities``; ``/healthz``; a chat page at ``/``.
+  ``/v1/completions``, ``/v1/models``; ``/v1/entities``; ``/v1/stats``; ``/healthz`` (503 until every model
+  deployment has a replica that can serve); a chat page at ``/``.
 * Requests and specs: serve/schemas.py.
 
 Build it from plain arguments (``build_app(args)``), so the same app runs under ``serve run``,
@@ -41,9 +42,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     for spec in parsed.models:
         cls = TextGenerator if spec.task == "causal_lm" else EntityExtractor
         dep = serve.deployment(cls).options(**_options(spec)).bind(spec.model_dump())
-        if spec.adapters:
-            for served in spec.adapters:
-                routes[served], tasks[served], multiplexed[served] = dep, spec.task, served
-        else:
-            routes[spec.name], tasks[spec.name] = dep, spec.task
+        routes[spec.name], tasks[spec.name] = dep, spec.task  # the merged model, or the adapters' base itself
+        for served in spec.adapters:
+            if served in routes:
+                raise ValueError(f"model {spec.name}: adapter name {served!r} is also another model's name")
+            routes[served], tasks[served], multiplexed[served] = dep, spec.task, served
     return GatewayDeployment.bind(routes, tasks, multiplexed, parsed.auth_token_env)

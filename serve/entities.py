@@ -22,10 +22,13 @@ class EntityExtractor:
         self.tokenizer = AutoTokenizer.from_pretrained(self.spec.path)
         self.model = AutoModelForTokenClassification.from_pretrained(self.spec.path).to(self.device).eval()
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
-        self.extract_batch.set_max_batch_size(self.spec.max_batch_size)
+        self.extract_batch.set_max_batch_size(self.spec.max_batch_size or 8)
         self.extract_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
-        self.coalescer = Coalescer(self._extract, self.spec.max_batch_size)
+        self.coalescer = Coalescer(self._extract, self.spec.max_batch_size or 8)
         torch.set_grad_enabled(False)
+
+    def stats(self) -> dict[str, Any]:
+        return {"model": self.spec.name, "path": "token_classification", "max_batch_size": self.spec.max_batch_size}
 
     def check_health(self) -> None:
         if self.model is None:

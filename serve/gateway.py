@@ -22,6 +22,7 @@ from ray.serve.exceptions import BackPressureError
 from serve.schemas import ChatRequest, CompletionRequest, EntitiesRequest, SamplingRequest
 
 STATIC = Path(__file__).resolve().parent / "static"
+READY_RECHECK_S = 5.0  # /healthz asks Serve for the replicas' states again after this long
 REPLICA_LOST = (RayActorError, ActorUnavailableError)  # a replica that died (or was lost) mid-request
 
 
@@ -50,6 +51,7 @@ class Gateway:
         if auth_token_env and not self.token:
             raise RuntimeError(f"auth_token_env={auth_token_env}: that environment variable is not set")
         self.created = int(time.time())
+        self.ready_at = -1e9  # when /healthz last found every model deployment running
 
     def _auth(self, request: Request):
         given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
@@ -196,7 +198,40 @@ class Gateway:
         return {"model": name, "results": [{"entities": f} for f in found]}
 
     async def healthz(self):
+        """200 once every model deployment has a running replica (one still loading is not ready), else 503."""
+        if time.monotonic() - self.ready_at > READY_RECHECK_S:
+            waiting = await asyncio.to_thread(self._loading)
+            if waiting:
+                return JSONResponse(status_code=503, content={"status": "loading", "waiting_for": waiting})
+            self.ready_at = time.monotonic()
         return {"status": "ok", "models": self.tasks}
+
+    def _loading(self) -> list[str]:
+        """Names of the served models whose deployment has no running replica yet."""
+        status = serve.status()
+        waiting = []
+        for name, handle in self.routes.items():
+            app = status.applications.get(handle.app_name)
+            dep = app.deployments.get(handle.deployment_name) if app else None
+            running = sum(n for state, n in (dep.replica_states if dep else {}).items()
+                          if str(getattr(state, "value", state)) == "RUNNING")
+            if not running:
+                waiting.append(name)
+        return waiting
+
+    async def stats(self, request: Request):
+        """Each model deployment's own figures (the engine's KV blocks, sequences, prefix-cache hits, adapters)."""
+        if (denied := self._auth(request)) is not None:
+            return denied
+        seen, out = set(), {}
+        for name, handle in self.routes.items():
+            key = (handle.app_name, handle.deployment_name)
+            if key in seen:
+                continue
+            seen.add(key)
+            res, err = await self._call(lambda h=handle: h.stats.remote())
+            out[name] = res if err is None else {"error": "busy"}
+        return {"models": out}
 
     async def page(self):
         return HTMLResponse((STATIC / "chat.html").read_text(encoding="utf-8"))
@@ -209,6 +244,7 @@ def _wire_routes() -> None:
     api.get("/v1/models")(Gateway.models)
     api.post("/v1/entities")(Gateway.entities)
     api.get("/healthz")(Gateway.healthz)
+    api.get("/v1/stats")(Gateway.stats)
     api.get("/", response_class=HTMLResponse)(Gateway.page)
 
 

@@ -1,11 +1,13 @@
-"""The text-generation deployment: the decode engine for merged models, transformers' generate in
-dynamic batches for adapters and other architectures, LoRA adapters by model id (multiplexed)."""
+"""The text-generation deployment: the decode engine (serve/engine.py) for the families it implements, with a
+base's LoRA adapters served in the same steps, chosen by the request's model; transformers' ``generate`` in
+dynamic batches for other architectures (adapters there by model id through ``@serve.multiplexed``)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -27,6 +29,7 @@ def serving_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+LOAD_DELAY_ENV = "ORCHESTRATOR_SERVE_LOAD_DELAY_S"  # seconds a replica sleeps before loading (readiness tests)
 # Batches formed by @serve.batch may all be in flight at once; Coalescer decides what runs together.
 MAX_BATCHES_IN_FLIGHT = 64
 
@@ -130,6 +133,8 @@ class TextGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if delay := os.environ.get(LOAD_DELAY_ENV):  # tests: a replica that takes a while to load
+            time.sleep(float(delay))
         self.spec = ModelSpec.model_validate(spec)
         self.device = serving_device()
         source = self.spec.path or self.spec.base
@@ -143,29 +148,45 @@ class TextGenerator:
         self.model = model
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
         self.lock = threading.Lock()
-        self.generate_batch.set_max_batch_size(self.spec.max_batch_size)
+        batch = self.spec.max_batch_size or 8
+        self.generate_batch.set_max_batch_size(batch)
         self.generate_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
         self.batches: list[tuple[int, float]] = []  # recent batches: (size, seconds in generate)
-        self.coalescer = Coalescer(self._run_batch, self.spec.max_batch_size)
+        self.coalescer = Coalescer(self._run_batch, batch)
         torch.set_grad_enabled(False)
         self.engine = self._start_engine()
         self._wakeups: _Wakeups | None = None
 
     def _start_engine(self):
-        """The continuous-batching engine for a merged model, or None (adapters, other architectures, or
-        ``engine: generate``), where requests go through ``generate`` in dynamic batches."""
+        """The continuous-batching engine (adapters included), or None (other architectures, or ``engine:
+        generate``), where requests go through ``generate`` in dynamic batches."""
         from serve.engine import Engine, EngineUnsupported
 
-        if self.spec.engine != "continuous" or self.spec.adapters:
+        if self.spec.engine != "continuous":
             return None
-        max_len = min(self.max_positions, self.spec.max_input_length + self.spec.max_tokens_limit)
+        spec, gpu = self.spec, self.device.type == "cuda"
+        max_len = min(self.max_positions, spec.max_input_length + spec.max_tokens_limit)
         try:
-            return Engine(self.model, self.tokenizer, slots=self.spec.max_batch_size, max_len=max_len,
-                          cuda_graphs=self.spec.cuda_graphs and self.device.type == "cuda",
-                          use_kernels=None if self.spec.kernels else False)
+            return Engine(self.model, self.tokenizer, max_seqs=spec.max_batch_size or (256 if gpu else 8),
+                          max_len=max_len, block_size=spec.kv_block_size,
+                          gpu_memory_utilization=spec.gpu_memory_utilization, prefill_chunk=spec.prefill_chunk,
+                          cuda_graphs=spec.cuda_graphs and gpu, use_kernels=None if spec.kernels else False,
+                          batch_invariant=spec.batch_invariant, prefix_caching=spec.prefix_caching,
+                          adapters=spec.adapters or None, max_adapters=spec.max_adapters,
+                          stream_interval=spec.stream_interval_ms / 1000)
         except EngineUnsupported as e:
-            logging.getLogger(__name__).warning("model %s: %s; serving through generate", self.spec.name, e)
+            logging.getLogger(__name__).warning("model %s: %s; serving through generate", spec.name, e)
             return None
+
+    def ready(self) -> bool:
+        """Answers once the replica is built (its engine's graphs captured): what readiness checks call."""
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """What the engine chose and how it runs (KV blocks, sequences, prefix-cache hits, adapters)."""
+        if self.engine is None:
+            return {"model": self.spec.name, "path": "generate", "batches": len(self.batches)}
+        return {"model": self.spec.name, "path": "engine", **self.engine.stats()}
 
     def check_health(self) -> None:
         if self.model is None:
@@ -182,8 +203,8 @@ class TextGenerator:
         """Recent batches as (size, seconds): generate calls, or the engine's decode steps."""
         return list(self.engine.steps) if self.engine is not None else list(self.batches)
 
-    async def _engine_events(self, req: dict[str, Any], ids: list[int]):
-        """The engine's events for one request; closing this generator (client gone) frees its slot."""
+    async def _engine_events(self, req: dict[str, Any], ids: list[int], adapter: str | None = None):
+        """The engine's events for one request; closing this generator (client gone) frees its blocks."""
         from serve.engine import Sampling
 
         loop = asyncio.get_running_loop()
@@ -193,7 +214,7 @@ class TextGenerator:
                           stop=list(req.get("stop") or []))
         if self._wakeups is None or self._wakeups.loop is not loop:
             self._wakeups = _Wakeups(loop)
-        seq = self.engine.submit(ids, params, functools.partial(self._wakeups.emit, queue))
+        seq = self.engine.submit(ids, params, functools.partial(self._wakeups.emit, queue), adapter)
         try:
             while True:
                 ev = await queue.get()
@@ -354,8 +375,10 @@ class TextGenerator:
         return {**req, "max_tokens": req.get("max_tokens") or min(128, self.spec.max_tokens_limit)}
 
     async def _admit(self, req: dict[str, Any], model_id: str | None) -> list[int] | dict[str, Any]:
-        """The request's prompt ids with its adapter loaded, or the client error to hand back."""
-        if model_id:
+        """The request's prompt ids (its adapter loaded, on the generate path), or the client error to hand back."""
+        if model_id and model_id not in self.spec.adapters:
+            return ClientError(f"model {model_id!r} is not served here", "model", 404).as_dict()
+        if model_id and self.engine is None:
             await self.get_adapter(model_id)
         try:
             return self._encode(req)
@@ -371,10 +394,10 @@ class TextGenerator:
         ids = await self._admit(req, model_id)
         if isinstance(ids, dict):
             return ids
-        if model_id:
+        if self.engine is None:
             return (await asyncio.to_thread(self._generate, [req], [ids], model_id))[0]
         pieces: list[str] = []
-        async for ev in self._engine_events(req, ids):
+        async for ev in self._engine_events(req, ids, model_id or None):
             if "text" in ev:
                 pieces.append(ev["text"])
             elif "error" in ev:
@@ -394,8 +417,8 @@ class TextGenerator:
         if isinstance(ids, dict):
             yield ids
             return
-        if self.engine is not None and not model_id:
-            async for ev in self._engine_events(req, ids):
+        if self.engine is not None:
+            async for ev in self._engine_events(req, ids, model_id or None):
                 if "error" in ev:
                     yield {"finish_reason": "error"}
                     return

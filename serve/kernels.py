@@ -1,10 +1,18 @@
-"""Triton kernels for the decode step on a GPU: rotary + KV-cache write, and attention over each row's own length.
+"""Triton kernels of the engine's step on a GPU (``TRITON_INTERPRET=1`` runs them on the CPU, as the tests do).
 
-Both run inside the engine's CUDA graphs. ``decode_attention`` reads only the first ``pos[b] + 1`` cache
-positions of each row, so the step's KV traffic follows the real lengths instead of a padded span; that is
-why the engine needs one graph per batch size on this path. Without Triton (the CPU), ``available()`` is
-False and the engine uses PyTorch's SDPA over span buckets instead. ``TRITON_INTERPRET=1`` runs these
-kernels on the CPU (the tests do, against the SDPA path).
+The step runs over a packed batch of tokens: each running sequence's next token and chunks of prompts being
+prefilled, side by side. Per layer:
+
+* ``rope_write``: optional per-head q/k RMSNorm, rotary on q and k, and k/v written into the paged cache.
+* ``paged_attention``: every token attends to its own sequence's cached positions up to its own (optionally
+  within a sliding window), reading the cache through the sequence's block table. The work is cut into tiles
+  of consecutive tokens of one sequence (a running sequence's token is a tile of one) times a kv head; the
+  query heads sharing that kv head ride in the same tile, so each cache block is read once per tile.
+* ``norm_add``: residual add (optionally of a normed delta, Gemma's post norms) and the next RMSNorm.
+* ``act_mul``: SiLU or GELU-tanh of the gate times up.
+* ``lora_shrink`` / ``lora_expand``: the LoRA delta of every token's adapter in one launch each (tokens sorted
+  by adapter, segments of one adapter as tiles: the Punica/S-LoRA approach).
+* ``matmul``: a matrix product whose tiling does not depend on the number of rows (batch-invariant results).
 """
 
 from __future__ import annotations
@@ -27,19 +35,44 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def tile_tokens(group: int, head_dim: int) -> int:
+    """Prompt tokens per attention tile: the tile's rows (tokens x query heads per kv head) stay within 64 (32 for
+    256-wide heads) and at least 16."""
+    rows = 32 if head_dim >= 256 else 64
+    return max(1, rows // group)
+
+
+def _rows(tile: int, group: int) -> int:
+    return max(16, triton.next_power_of_2(tile * group))
+
+
 if triton is not None:
 
     @triton.jit
-    def _rope_cache_kernel(qkv, cos, sin, pos, q_out, k_cache, v_cache,
+    def _rope_write_kernel(qkv, cos, sin, pos, slot, q_out, k_cache, v_cache, qn_w, kn_w, eps,
                            s_cb, s_ch, s_ct,
-                           H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
-        b = tl.program_id(0)
+                           H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                           QK_NORM: tl.constexpr, GEMMA: tl.constexpr):
+        t = tl.program_id(0)
         j = tl.program_id(1)  # 0..H-1: a query head; H..H+KVH-1: a key/value head
         half = tl.arange(0, D // 2)
-        p = tl.load(pos + b)
-        row = qkv + (b * (H + 2 * KVH) + j) * D
-        x1 = tl.load(row + half).to(tl.float32)
-        x2 = tl.load(row + D // 2 + half).to(tl.float32)
+        p = tl.load(pos + t)
+        row = qkv + (t * (H + 2 * KVH) + j) * D
+        raw1 = tl.load(row + half)
+        raw2 = tl.load(row + D // 2 + half)
+        x1 = raw1.to(tl.float32)
+        x2 = raw2.to(tl.float32)
+        if QK_NORM:
+            w = qn_w if j < H else kn_w
+            w1 = tl.load(w + half).to(tl.float32)
+            w2 = tl.load(w + D // 2 + half).to(tl.float32)
+            r = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
+            if GEMMA:
+                x1 = (x1 * r * (1.0 + w1)).to(raw1.dtype).to(tl.float32)
+                x2 = (x2 * r * (1.0 + w2)).to(raw1.dtype).to(tl.float32)
+            else:
+                x1 = ((x1 * r).to(raw1.dtype).to(tl.float32) * w1).to(raw1.dtype).to(tl.float32)
+                x2 = ((x2 * r).to(raw1.dtype).to(tl.float32) * w2).to(raw1.dtype).to(tl.float32)
         c1 = tl.load(cos + p * D + half).to(tl.float32)
         c2 = tl.load(cos + p * D + D // 2 + half).to(tl.float32)
         s1 = tl.load(sin + p * D + half).to(tl.float32)
@@ -47,164 +80,246 @@ if triton is not None:
         o1 = x1 * c1 - x2 * s1
         o2 = x2 * c2 + x1 * s2
         if j < H:
-            dst = q_out + (b * H + j) * D
+            dst = q_out + (t * H + j) * D
             tl.store(dst + half, o1.to(q_out.dtype.element_ty))
             tl.store(dst + D // 2 + half, o2.to(q_out.dtype.element_ty))
         else:
             kh = j - H
-            dst = k_cache + b * s_cb + kh * s_ch + p * s_ct
-            tl.store(dst + half, o1.to(k_cache.dtype.element_ty))
-            tl.store(dst + D // 2 + half, o2.to(k_cache.dtype.element_ty))
-            vrow = qkv + (b * (H + 2 * KVH) + H + KVH + kh) * D
-            vdst = v_cache + b * s_cb + kh * s_ch + p * s_ct
-            tl.store(vdst + half, tl.load(vrow + half))
-            tl.store(vdst + D // 2 + half, tl.load(vrow + D // 2 + half))
+            sl = tl.load(slot + t)
+            base = (sl // BS) * s_cb + kh * s_ch + (sl % BS) * s_ct
+            tl.store(k_cache + base + half, o1.to(k_cache.dtype.element_ty))
+            tl.store(k_cache + base + D // 2 + half, o2.to(k_cache.dtype.element_ty))
+            vrow = qkv + (t * (H + 2 * KVH) + H + KVH + kh) * D
+            tl.store(v_cache + base + half, tl.load(vrow + half))
+            tl.store(v_cache + base + D // 2 + half, tl.load(vrow + D // 2 + half))
 
     @triton.jit
-    def _attend(q, k_cache, v_cache, b, h, first, end, n, scale, s_cb, s_ch, s_ct,
-                H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-        """Online softmax of row b, head h over cache positions [first, end) (< n valid): (acc, max, sum)."""
-        d = tl.arange(0, D)
-        qv = tl.load(q + (b * H + h) * D + d).to(tl.float32) * scale
-        base = b * s_cb + (h // GROUP) * s_ch
-        m = tl.full([], float("-inf"), tl.float32)
-        total = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([D], dtype=tl.float32)
-        for start in range(first, end, BLOCK):
-            t = start + tl.arange(0, BLOCK)
-            valid = t < n
-            offs = base + t[:, None] * s_ct + d[None, :]
-            k = tl.load(k_cache + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.where(valid, tl.sum(k * qv[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            p = tl.exp(s - m_new)
-            alpha = tl.exp(m - m_new)
-            v = tl.load(v_cache + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            total = total * alpha + tl.sum(p, axis=0)
-            m = m_new
-        return acc, m, total
+    def _paged_attention_kernel(q, k_cache, v_cache, out, block_table, bt_stride, tile_row, tile_start, tile_len,
+                                pos, scale, window, s_cb, s_ch, s_ct,
+                                H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                                BLOCK_M: tl.constexpr):
+        t = tl.program_id(0)
+        kh = tl.program_id(1)
+        n = tl.load(tile_len + t)
+        if n > 0:
+            row = tl.load(tile_row + t)
+            start = tl.load(tile_start + t)
+            m = tl.arange(0, BLOCK_M)
+            j = m // GROUP
+            valid = j < n
+            tok = start + tl.where(valid, j, 0)
+            qpos = tl.load(pos + tok)
+            d = tl.arange(0, D)
+            head = kh * GROUP + m % GROUP
+            qv = tl.load(q + (tok[:, None] * H + head[:, None]) * D + d[None, :], mask=valid[:, None], other=0.0)
+            first = tl.load(pos + start)
+            last = tl.load(pos + start + n - 1)
+            lo = tl.where(window > 0, tl.maximum(first - window + 1, 0), 0)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            kt = tl.arange(0, BS)
+            for b in range(lo // BS, last // BS + 1):
+                blk = tl.load(block_table + row * bt_stride + b)
+                offs = blk * s_cb + kh * s_ch + kt[:, None] * s_ct + d[None, :]
+                k = tl.load(k_cache + offs)
+                s = tl.dot(qv, tl.trans(k)) * scale
+                kp = b * BS + kt
+                ok = (kp[None, :] <= qpos[:, None]) & ((kp[None, :] > qpos[:, None] - window) | (window <= 0))
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = tl.load(v_cache + offs)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out + (tok[:, None] * H + head[:, None]) * D + d[None, :], o.to(out.dtype.element_ty),
+                     mask=valid[:, None])
 
     @triton.jit
-    def _decode_attention_kernel(q, k_cache, v_cache, pos, out, scale,
-                                 s_cb, s_ch, s_ct,
-                                 H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        n = tl.load(pos + b) + 1  # positions 0..pos attend
-        acc, m, total = _attend(q, k_cache, v_cache, b, h, 0, n, n, scale, s_cb, s_ch, s_ct, H, GROUP, D, BLOCK)
-        tl.store(out + (b * H + h) * D + tl.arange(0, D), (acc / total).to(out.dtype.element_ty))
+    def _rms(x, w, eps, N: tl.constexpr, GEMMA: tl.constexpr):
+        """RMSNorm of a row ``x`` (any float dtype) by weight ``w``, rounded as the model's own norm rounds."""
+        xf = x.to(tl.float32)
+        r = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
+        if GEMMA:
+            return (xf * r * (1.0 + w.to(tl.float32))).to(x.dtype)
+        return (w.to(tl.float32) * (xf * r).to(x.dtype).to(tl.float32)).to(x.dtype)
 
     @triton.jit
-    def _attention_part_kernel(q, k_cache, v_cache, pos, part, stats, scale,
-                               s_cb, s_ch, s_ct,
-                               H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                               CHUNK: tl.constexpr, SPLITS: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        sp = tl.program_id(2)
-        n = tl.load(pos + b) + 1
-        first = sp * CHUNK
-        if first < n:
-            acc, m, total = _attend(q, k_cache, v_cache, b, h, first, tl.minimum(first + CHUNK, n), n, scale,
-                                    s_cb, s_ch, s_ct, H, GROUP, D, BLOCK)
-            row = (b * H + h) * SPLITS + sp
-            tl.store(part + row * D + tl.arange(0, D), acc)
-            tl.store(stats + row * 2, m)
-            tl.store(stats + row * 2 + 1, total)
-
-    @triton.jit
-    def _attention_merge_kernel(part, stats, pos, out, H: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                                SPLITS: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        used = tl.cdiv(tl.load(pos + b) + 1, CHUNK)
-        sp = tl.arange(0, SPLITS)
-        ok = sp < used
-        row = (b * H + h) * SPLITS + sp
-        m = tl.load(stats + row * 2, mask=ok, other=float("-inf"))
-        total = tl.load(stats + row * 2 + 1, mask=ok, other=0.0)
-        w = tl.where(ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
-        d = tl.arange(0, D)
-        acc = tl.load(part + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        o = tl.sum(acc * w[:, None], axis=0) / tl.sum(total * w, axis=0)
-        tl.store(out + (b * H + h) * D + d, o.to(out.dtype.element_ty))
-
-
-def rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
-    """Rotate q and k of ``qkv`` [B, (H + 2 KVH) * D] at positions ``pos`` [B]; write k and v into row b of the
-    caches [slots, KVH, max_len, D] at ``pos[b]``; return the rotated q [B, H, D]."""
-    b, d = qkv.shape[0], k_cache.shape[-1]
-    q = torch.empty(b, heads, d, device=qkv.device, dtype=qkv.dtype)
-    _rope_cache_kernel[(b, heads + kv_heads)](qkv, cos, sin, pos, q, k_cache, v_cache,
-                                             *k_cache.stride()[:3], H=heads, KVH=kv_heads, D=d)
-    return q
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     block: int = 128, chunk: int | None = None, warps: int = 4) -> torch.Tensor:
-    """Softmax attention of ``q`` [B, H, D] (one token per row) over cache positions 0..pos[b] of row b.
-
-    ``chunk``: split each row's positions into chunks of this many, one program each, merged by a second
-    kernel (flash-decoding: more programs in flight when B * H is small or rows are long); None: one program
-    per (row, head) walks the whole length. The defaults were the fastest on an H100 at 1-64 rows of 200-328
-    positions (bench/results/engine_check_h100.json: 66.7 us per layer at 32 rows, 75.4 with 64-position
-    blocks, 72.0 for the best split)."""
-    b, heads, d = q.shape
-    out = torch.empty_like(q)
-    group, strides = heads // k_cache.shape[1], k_cache.stride()[:3]
-    if chunk is None:
-        _decode_attention_kernel[(b, heads)](q, k_cache, v_cache, pos, out, d ** -0.5, *strides,
-                                             H=heads, GROUP=group, D=d, BLOCK=block, num_warps=warps)
-        return out
-    splits = triton.next_power_of_2(triton.cdiv(k_cache.shape[2], chunk))
-    part = torch.empty(b * heads * splits, d, device=q.device, dtype=torch.float32)
-    stats = torch.empty(b * heads * splits, 2, device=q.device, dtype=torch.float32)
-    _attention_part_kernel[(b, heads, splits)](q, k_cache, v_cache, pos, part, stats, d ** -0.5, *strides,
-                                               H=heads, GROUP=group, D=d, BLOCK=block, CHUNK=chunk,
-                                               SPLITS=splits, num_warps=warps)
-    _attention_merge_kernel[(b, heads)](part, stats, pos, out, H=heads, D=d, CHUNK=chunk, SPLITS=splits)
-    return out
-
-
-if triton is not None:
-
-    @triton.jit
-    def _add_rms_norm_kernel(h, delta, w, out, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+    def _norm_add_kernel(h, delta, w_post, w_next, out, eps, N: tl.constexpr, BLOCK: tl.constexpr,
+                         ADD: tl.constexpr, POST: tl.constexpr, GEMMA: tl.constexpr):
         row = tl.program_id(0)
         c = tl.arange(0, BLOCK)
         m = c < N
-        x = tl.load(h + row * N + c, mask=m, other=0.0) + tl.load(delta + row * N + c, mask=m, other=0.0)
-        tl.store(h + row * N + c, x, mask=m)
-        xf = x.to(tl.float32)
-        y = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)).to(x.dtype)
-        wv = tl.load(w + c, mask=m, other=0.0)
-        tl.store(out + row * N + c, (wv.to(tl.float32) * y.to(tl.float32)).to(x.dtype), mask=m)
+        x = tl.load(h + row * N + c, mask=m, other=0.0)
+        if ADD:
+            dl = tl.load(delta + row * N + c, mask=m, other=0.0)
+            if POST:
+                dl = _rms(dl, tl.load(w_post + c, mask=m, other=0.0), eps, N, GEMMA)
+            x = (x.to(tl.float32) + dl.to(tl.float32)).to(dl.dtype)
+            tl.store(h + row * N + c, x, mask=m)
+        tl.store(out + row * N + c, _rms(x, tl.load(w_next + c, mask=m, other=0.0), eps, N, GEMMA), mask=m)
 
     @triton.jit
-    def _silu_mul_kernel(gate_up, out, N: tl.constexpr, BLOCK: tl.constexpr):
+    def _act_mul_kernel(gate_up, out, N: tl.constexpr, BLOCK: tl.constexpr, GELU: tl.constexpr):
         row = tl.program_id(0)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = c < N
         g = tl.load(gate_up + row * 2 * N + c, mask=m, other=0.0).to(tl.float32)
         u = tl.load(gate_up + row * 2 * N + N + c, mask=m, other=0.0)
-        act = (g * tl.sigmoid(g)).to(u.dtype)
-        tl.store(out + row * N + c, (act.to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=m)
+        if GELU:  # gelu, tanh approximation: 0.5 g (1 + tanh(z)) = g * sigmoid(2z)
+            act = g * tl.sigmoid(2.0 * 0.7978845608028654 * (g + 0.044715 * g * g * g))
+        else:
+            act = g * tl.sigmoid(g)
+        tl.store(out + row * N + c, (act.to(u.dtype).to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=m)
+
+    @triton.jit
+    def _lora_shrink_kernel(x, a_pool, s_out, perm, seg_start, K: tl.constexpr, R: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        ad = tl.program_id(0)
+        lo = tl.load(seg_start + ad)
+        hi = tl.load(seg_start + ad + 1)
+        i0 = lo + tl.program_id(1) * BLOCK_T
+        if i0 < hi:
+            i = i0 + tl.arange(0, BLOCK_T)
+            valid = i < hi
+            tok = tl.load(perm + i, mask=valid, other=0)
+            r = tl.arange(0, R)
+            acc = tl.zeros([BLOCK_T, R], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                xk = tl.load(x + tok[:, None] * K + kk[None, :], mask=valid[:, None] & (kk[None, :] < K), other=0.0)
+                ak = tl.load(a_pool + ad * R * K + r[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
+                acc += tl.dot(xk, tl.trans(ak))
+            tl.store(s_out + tok[:, None] * R + r[None, :], acc.to(s_out.dtype.element_ty), mask=valid[:, None])
+
+    @triton.jit
+    def _lora_expand_kernel(s_in, b_pool, y, perm, seg_start, N: tl.constexpr, R: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        ad = tl.program_id(0)
+        lo = tl.load(seg_start + ad)
+        hi = tl.load(seg_start + ad + 1)
+        i0 = lo + tl.program_id(1) * BLOCK_T
+        if i0 < hi:
+            i = i0 + tl.arange(0, BLOCK_T)
+            valid = i < hi
+            tok = tl.load(perm + i, mask=valid, other=0)
+            r = tl.arange(0, R)
+            n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+            sv = tl.load(s_in + tok[:, None] * R + r[None, :], mask=valid[:, None], other=0.0)
+            bv = tl.load(b_pool + ad * N * R + n[:, None] * R + r[None, :], mask=n[:, None] < N, other=0.0)
+            delta = tl.dot(sv, tl.trans(bv))
+            ok = valid[:, None] & (n[None, :] < N)
+            dst = y + tok[:, None] * N + n[None, :]
+            yv = tl.load(dst, mask=ok, other=0.0)
+            tl.store(dst, (yv.to(tl.float32) + delta).to(yv.dtype), mask=ok)
+
+    @triton.jit
+    def _matmul_kernel(a, b, c, bias, M, N: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pm = tl.program_id(0)
+        pn = tl.program_id(1)
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, K, BK):  # the same order and tiles whatever M is: a row's result never depends on M
+            rk = k0 + tl.arange(0, BK)
+            av = tl.load(a + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            bv = tl.load(b + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+            acc += tl.dot(av, tl.trans(bv))
+        if HAS_BIAS:
+            acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(c + rm[:, None] * N + rn[None, :], acc.to(c.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``h += delta`` in place (rows of [B, N]) and return RMSNorm(h) * weight, rounded as the eager ops round."""
-    n = h.shape[-1]
-    out = torch.empty_like(h)
-    _add_rms_norm_kernel[(h.shape[0],)](h, delta, weight, out, eps, N=n, BLOCK=triton.next_power_of_2(n))
+def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
+               q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+               gemma: bool = False) -> torch.Tensor:
+    """Rotate q and k of ``qkv`` [T, (H + 2 KVH) * D] at ``pos`` [T] (RMSNorm of each head first when
+    ``q_norm``/``k_norm`` are given); write k and v into the caches [blocks, KVH, BS, D] at ``slot`` [T];
+    return the rotated q [T, H, D]."""
+    t, d = qkv.shape[0], k_cache.shape[-1]
+    q = torch.empty(t, heads, d, device=qkv.device, dtype=qkv.dtype)
+    norm = q_norm is not None
+    _rope_write_kernel[(t, heads + kv_heads)](
+        qkv, cos, sin, pos, slot, q, k_cache, v_cache, q_norm if norm else cos, k_norm if norm else cos, eps,
+        *k_cache.stride()[:3], H=heads, KVH=kv_heads, D=d, BS=k_cache.shape[2], QK_NORM=norm, GEMMA=gemma)
+    return q
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    tile_row: torch.Tensor, tile_start: torch.Tensor, tile_len: torch.Tensor, pos: torch.Tensor,
+                    scale: float, window: int = 0, tile: int = 16) -> torch.Tensor:
+    """Attention of ``q`` [T, H, D] over each token's own sequence: tile i is ``tile_len[i]`` consecutive tokens
+    from ``tile_start[i]`` of the sequence whose blocks are ``block_table[tile_row[i]]`` (``tile_len`` 0: unused).
+    Token t sees positions up to ``pos[t]`` (and above ``pos[t] - window`` when ``window``)."""
+    t, heads, d = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    grid = (tile_len.shape[0], kv_heads)
+    _paged_attention_kernel[grid](q, k_cache, v_cache, out, block_table, block_table.stride(0), tile_row, tile_start,
+                                  tile_len, pos, scale, window, *k_cache.stride()[:3], H=heads, GROUP=group, D=d,
+                                  BS=k_cache.shape[2], BLOCK_M=_rows(tile, group), num_warps=8 if d >= 256 else 4)
     return out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up for ``gate_up`` [B, 2I] holding gate then up in each row."""
-    b, n = gate_up.shape[0], gate_up.shape[-1] // 2
-    out = torch.empty(b, n, device=gate_up.device, dtype=gate_up.dtype)
+def norm_add(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, gemma: bool = False,
+             post: torch.Tensor | None = None) -> torch.Tensor:
+    """``h += delta`` in place (``delta`` normed by ``post`` first when given) and return the RMSNorm of ``h`` by
+    ``weight``; with ``delta`` None only the norm. Rounded as the model's own ops round."""
+    n = h.shape[-1]
+    out = torch.empty_like(h)
+    _norm_add_kernel[(h.shape[0],)](h, delta if delta is not None else h, post if post is not None else weight,
+                                    weight, out, eps, N=n, BLOCK=triton.next_power_of_2(n), ADD=delta is not None,
+                                    POST=post is not None, GEMMA=gemma)
+    return out
+
+
+def act_mul(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """act(gate) * up for ``gate_up`` [T, 2I] holding gate then up in each row (SiLU or GELU-tanh)."""
+    t, n = gate_up.shape[0], gate_up.shape[-1] // 2
+    out = torch.empty(t, n, device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
-    _silu_mul_kernel[(b, triton.cdiv(n, block))](gate_up, out, N=n, BLOCK=block)
+    _act_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, N=n, BLOCK=block, GELU=activation == "gelu_tanh")
+    return out
+
+
+def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, perm: torch.Tensor, seg_start: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor:
+    """``out[t] = x[t] @ a_pool[adapter of t].T`` for the tokens listed in ``perm``, grouped by adapter slot
+    (slot a's tokens are ``perm[seg_start[a]:seg_start[a + 1]]``); ``a_pool`` [slots, R, K]."""
+    t, k = x.shape
+    slots, r = a_pool.shape[0], a_pool.shape[1]
+    block_t = 16
+    _lora_shrink_kernel[(slots, triton.cdiv(t, block_t))](x, a_pool, out, perm, seg_start, K=k, R=r,
+                                                           BLOCK_T=block_t, BLOCK_K=64)
+    return out
+
+
+def lora_expand(s: torch.Tensor, b_pool: torch.Tensor, perm: torch.Tensor, seg_start: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+    """``y[t] += s[t] @ b_pool[adapter of t].T`` in place for the tokens in ``perm`` (see ``lora_shrink``);
+    ``b_pool`` [slots, N, R]."""
+    t, n = y.shape
+    slots, r = b_pool.shape[0], b_pool.shape[2]
+    block_t, block_n = 16, 64
+    _lora_expand_kernel[(slots, triton.cdiv(t, block_t), triton.cdiv(n, block_n))](
+        s, b_pool, y, perm, seg_start, N=n, R=r, BLOCK_T=block_t, BLOCK_N=block_n)
+    return y
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` with tiles that do not depend on the number of rows of ``x``, so a row's result is
+    the same whatever else is in the batch (``serve.batch_invariant``)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    bm, bn, bk = 64, 64, 64
+    _matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](x, weight, out, bias if bias is not None else weight, m,
+                                                             N=n, K=k, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk)
     return out

@@ -21,7 +21,8 @@ class ModelSpec(BaseModel):
     adapters: dict[str, str] = Field(default_factory=dict, description="served name -> adapter directory")
     chat_template: Literal["auto", "plain"] = "auto"
     system_prompt: str | None = None
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int | None = Field(None, ge=1, description="engine: the most sequences running together "
+                                       "(None: 256 on a GPU, 8 on a CPU); generate: the dynamic batch (None: 8)")
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_tokens_limit: int = Field(512, ge=1)
     max_input_length: int = Field(512, ge=8)
@@ -32,6 +33,16 @@ class ModelSpec(BaseModel):
                                   "generate: transformers' generate over dynamic batches")
     cuda_graphs: bool = Field(True, description="capture the engine's decode step in CUDA graphs on a GPU")
     kernels: bool = Field(True, description="the engine's Triton decode step where Triton runs (a GPU)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of the GPU's memory the replica "
+                                          "fills: weights, the largest step's activations, then KV blocks")
+    kv_block_size: int | None = Field(None, ge=1, description="positions per KV block (None: 32 on a GPU; on "
+                                      "the CPU a sequence's whole length)")
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per step while others decode")
+    prefix_caching: bool = True
+    stream_interval_ms: float = Field(20.0, ge=0, description="a stream's text goes out at most this often "
+                                      "after its first piece (fewer, larger stream items under load)")
+    batch_invariant: bool = Field(False, description="greedy tokens independent of the rest of the batch")
+    max_adapters: int = Field(8, ge=1, description="adapters resident on the device at once")
     autoscaling: dict[str, Any] = Field(default_factory=lambda: {"min_replicas": 1, "max_replicas": 1})
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)

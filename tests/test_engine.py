@@ -1,6 +1,7 @@
-"""The continuous-batching decode engine (serve/engine.py) on the CPU, driven directly (no Ray): greedy output
-equals transformers' generate alone and when joining a batch mid-decode; EOS, max_tokens and stop strings
-end a request exactly; cancellation frees the slot; more requests than slots all finish."""
+"""The continuous-batching decode engine (serve/engine.py) on the CPU's PyTorch step, driven directly (no Ray):
+greedy output equals transformers' generate alone, joining a batch mid-decode, prefilled in chunks over paged
+blocks, for every family it implements, through the prefix cache, after preemption, and for LoRA adapters mixed
+in one step; EOS, max_tokens and stop strings end a request exactly; cancellation frees its blocks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from serve.engine import Engine, Sampling
+from tests.tiny_families import FAMILIES, CharTokenizer, make, random_adapters, reference, run_all
+from tests.tiny_families import prompts as family_prompts
 
 
 class Collector:
@@ -41,7 +44,7 @@ def lm(tiny_model_dir):
 
 @pytest.fixture()
 def engine(lm):
-    eng = Engine(*lm, slots=4, max_len=128)
+    eng = Engine(*lm, max_seqs=4, max_len=128)
     yield eng
     eng.shutdown()
 
@@ -51,15 +54,6 @@ def prompts(tok, n: int) -> list[list[int]]:
              "Fundamental rights", "The President shall be elected by an electoral college consisting of",
              "Citizenship", "The Federal Parliament shall consist of two Houses, namely the House of"]
     return [tok(texts[i % len(texts)], add_special_tokens=False)["input_ids"] for i in range(n)]
-
-
-def reference(model, ids: list[int], new: int) -> list[int]:
-    """transformers' greedy generate, EOS ignored (the tiny model may emit it anywhere)."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 def run(engine, ids, params, delay: float = 0.0):
@@ -121,7 +115,7 @@ def test_eos_max_tokens_and_stop_end_requests_exactly(lm, engine):
 
 def test_cancel_frees_the_slot_and_no_request_waits_forever(lm):
     model, tok = lm
-    engine = Engine(model, tok, slots=4, max_len=2048)
+    engine = Engine(model, tok, max_seqs=4, max_len=2048)
     engine.eos = set()
     ps = prompts(tok, 10)
     long = [run(engine, ps[i], Sampling(max_tokens=2000)) for i in range(4)]  # every slot taken, for seconds
@@ -139,7 +133,7 @@ def test_cancel_frees_the_slot_and_no_request_waits_forever(lm):
     deadline = time.monotonic() + 10
     while engine.load()["active"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.load() == {"active": 0, "waiting": 0, "slots": 4}
+    assert engine.load() == {"active": 0, "waiting": 0, "slots": 4, "blocks_free": 4}
     engine.shutdown()
 
 
@@ -162,21 +156,93 @@ def test_seeded_sampling_repeats_whatever_the_batch(lm, engine):
         engine.submit(ps[0], Sampling(max_tokens=128), Collector())
 
 
-def test_packed_prefill_equals_each_prompt_alone(lm):
-    """Prompts packed into one prefill (each attending only to itself, padding in the spare row) give the same
-    logits and KV cache as each prompt prefilled alone."""
-    from serve.engine import _Decoder
-
+def test_chunked_prefill_over_paged_blocks_gives_the_same_tokens(lm):
+    """Blocks of 8 positions taken as sequences grow, prompts prefilled 5 tokens a step beside running decodes."""
     model, tok = lm
-    ps = prompts(tok, 3)
-    with torch.no_grad():
-        packed = _Decoder(model, slots=3, max_len=64, use_kernels=False)
-        width = sum(len(p) for p in ps) + 5
-        together = packed.prefill(*packed.unpack(packed.pack(ps, [2, 0, 1], width=width, count=5), width))
-        alone = _Decoder(model, slots=3, max_len=64, use_kernels=False)
-        for j, (p, slot) in enumerate(zip(ps, [2, 0, 1], strict=True)):
-            one = alone.prefill(*alone.unpack(alone.pack([p], [slot]), len(p)))
-            assert torch.allclose(together[j], one[0], atol=1e-5)
-            for cache_a, cache_b in zip(packed.k + packed.v, alone.k + alone.v, strict=True):
-                assert torch.allclose(cache_a[slot, :, :len(p)], cache_b[slot, :, :len(p)], atol=1e-5)
-    assert together.shape[0] == 5  # padded to the graph's prompt count
+    ps = prompts(tok, 6)
+    refs = [reference(model, p, 20) for p in ps]
+    engine = Engine(model, tok, max_seqs=3, max_len=128, block_size=8, prefill_chunk=5)
+    engine.eos = set()
+    seqs = run_all(engine, [(p, Sampling(max_tokens=20), None) for p in ps])
+    engine.shutdown()
+    assert [s.tokens for s in seqs] == refs
+    st = engine.stats()
+    assert st["block_size"] == 8 and st["blocks_free"] == st["blocks"], st  # every block back
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_decodes_as_transformers_does(family):
+    """Llama 3 rope scaling, Mistral's sliding window, Qwen 2 biases, Qwen 3 q/k norms, Gemma 3's norms, GELU,
+    embedding scale and interleaved local/global layers: greedy tokens equal generate's, prompts joining together."""
+    model = make(family)
+    ps = family_prompts(4)
+    refs = [reference(model, p, 24) for p in ps]
+    for block_size in (None, 8):
+        engine = Engine(model, CharTokenizer(), max_seqs=4, max_len=96, block_size=block_size, prefill_chunk=10)
+        engine.eos = set()
+        seqs = run_all(engine, [(p, Sampling(max_tokens=24), None) for p in ps])
+        engine.shutdown()
+        assert [s.tokens for s in seqs] == refs, (family, block_size)
+
+
+def test_prefix_cache_shares_blocks_and_keeps_outputs(lm):
+    """Prompts sharing a 48-token prefix: later ones reuse its blocks (hits on the stats), tokens unchanged."""
+    model, tok = lm
+    head = tok("Article 16: Right to live with dignity. Every person shall have the right to live with "
+               "dignity. No law shall be made providing for the death penalty to any one. Article 17",
+               add_special_tokens=False)["input_ids"][:48]
+    ps = [head + p for p in prompts(tok, 4)]
+    refs = [reference(model, p, 12) for p in ps]
+    for caching in (True, False):
+        engine = Engine(model, tok, max_seqs=4, max_len=128, block_size=8, prefix_caching=caching)
+        engine.eos = set()
+        first = run_all(engine, [(ps[0], Sampling(max_tokens=12), None)])
+        rest = run_all(engine, [(p, Sampling(max_tokens=12), None) for p in ps[1:]])
+        st = engine.stats()
+        engine.shutdown()
+        assert [s.tokens for s in first + rest] == refs, caching
+        assert (st["prefix_hits"] >= 3 * (48 // 8)) == caching, st
+        assert (st["prefix_hit_rate"] > 0) == caching
+
+
+def test_preemption_when_the_cache_runs_out(lm):
+    """Eight blocks of 8 positions for four sequences that need five each: the newest give theirs back and are
+    recomputed later; every request still gets generate's tokens."""
+    model, tok = lm
+    ps = prompts(tok, 4)
+    refs = [reference(model, p, 24) for p in ps]
+    engine = Engine(model, tok, max_seqs=4, max_len=64, block_size=8, num_blocks=10)
+    engine.eos = set()
+    seqs = run_all(engine, [(p, Sampling(max_tokens=24), None) for p in ps])
+    st = engine.stats()
+    engine.shutdown()
+    assert [s.tokens for s in seqs] == refs
+    assert st["preemptions"] > 0 and st["blocks_free"] == st["blocks"], st
+
+
+def test_lora_adapters_mixed_in_one_step_equal_each_merged(tmp_path):
+    """Three adapters (different ranks and targets) and the base itself in the same steps, two adapter slots (one
+    evicted and reloaded): each request's greedy tokens equal its adapter merged into the base by peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = make("qwen3")
+    base.save_pretrained(tmp_path / "base")
+    paths = random_adapters(tmp_path / "base", tmp_path)
+    ps = family_prompts(3)
+    refs = {None: [reference(base, p, 16) for p in ps]}
+    for name, path in paths.items():
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float64),
+                                           path).merge_and_unload().eval()
+        refs[name] = [reference(merged, p, 16) for p in ps]
+    engine = Engine(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float64).eval(),
+                    CharTokenizer(), max_seqs=6, max_len=96, adapters=paths, max_adapters=2)
+    engine.eos = set()
+    jobs = [(p, Sampling(max_tokens=16), name) for name in (None, *paths) for p in ps]
+    seqs = run_all(engine, jobs)
+    st = engine.stats()
+    engine.shutdown()
+    assert [s.tokens for s in seqs] == [refs[name][i] for name in (None, *paths) for i in range(3)]
+    assert st["adapter_loads"] >= 3 and len(st["adapters_loaded"]) <= 2, st
+    with pytest.raises(KeyError):
+        engine.submit(ps[0], Sampling(max_tokens=4), lambda e: None, adapter="not-served")

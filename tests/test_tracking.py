@@ -102,7 +102,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     cfg = validate_config({"name": "r", "model": {"name_or_path": "tiny", "task": "causal_lm"},
                            "data": {"format": "pdf", "train": ["a.pdf"]}, "output_dir": str(tmp_path),
                            "tracking": {"backends": ["mlflow"]}})
-    script = ("import json, os, sys\nfrom orchestrator import tracking\nfrom orchestrator.config import RunConfig\n"
+    script = ("import json, os, sys\nfrom orchestrator.core import tracking\nfrom orchestrator.core.config import RunConfig\n"
               "cfg = RunConfig.model_validate(json.loads(sys.argv[1]))\n"
               "t = tracking.Tracker(tracking.plan(cfg), cfg)\n"
               "t.log({'loss': 2.0}, 1)\nt.log({'loss': 1.5}, 2)\nos._exit(1)  # the driver dies: no end()\n")

@@ -1,7 +1,7 @@
 """`orchestrator export CONFIG --adapter DIR --format gguf --quant f16|q8_0|q4_k_m`: the merged model as one
 GGUF file for llama.cpp.
 
-The adapter is merged into its 16-bit base in memory (:func:`orchestrator.merge.merged_model`), the tensors are
+The adapter is merged into its 16-bit base in memory (:func:`orchestrator.artifacts.merge.merged_model`), the tensors are
 renamed to llama.cpp's names (Q and K rows permuted to its rotary layout), the tokenizer (byte-level BPE:
 vocabulary, merges, special ids) and chat template go into the file's metadata, and the file is written
 beside its final name and renamed into place. ``f16`` and ``q8_0`` are written by the ``gguf`` package (llama.cpp's

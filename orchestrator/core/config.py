@@ -172,14 +172,14 @@ class TrainConfig(_Strict):
         "ddp", description="How workers share a step: DDP, or DeepSpeed ZeRO-2/3 (optimizer state and gradients, "
         "plus parameters for ZeRO-3, partitioned across workers). DeepSpeed also runs on CPU workers (gloo).")
     backend: Literal["auto", "hf", "liger", "unsloth"] = Field(
-        "auto", description="Training kernels (orchestrator/backends.py): hf (transformers + peft), liger (Liger "
+        "auto", description="Training kernels (orchestrator/training/backends.py): hf (transformers + peft), liger (Liger "
         "Kernel's Triton modules), unsloth (Unsloth's model); auto: unsloth on GPU workers where it is installed "
         "and fits the run (causal LM, DDP), else hf.")
     cuda_graph: bool | None = Field(
         None, description="Capture a packed micro-batch's forward and backward once as a CUDA graph and replay it "
-        "for every later micro-batch of that shape (orchestrator/step_graph.py): the host launches one graph "
+        "for every later micro-batch of that shape (orchestrator/training/step_graph.py): the host launches one graph "
         "instead of thousands of kernels, and the optimizer steps the LoRA weights as one flat buffer per group "
-        "(orchestrator/flat.py) instead of tensor by tensor. Unset (default): on wherever it can run (GPU workers running the "
+        "(orchestrator/training/flat_params.py) instead of tensor by tensor. Unset (default): on wherever it can run (GPU workers running the "
         "unsloth backend on packed causal-LM rows under DDP with lora.dropout 0 and no lora.modules_to_save), else "
         "off; true: required (an error where it cannot run); false: off.")
     profile_steps: tuple[int, int] | None = Field(
@@ -257,7 +257,7 @@ class AutoscalingConfig(_Strict):
 
 
 class ServeConfig(_Strict):
-    """Ray Serve deployment of the merged model."""
+    """Ray Serve deployment of the merged model (or the base with LoRA adapters)."""
 
     route_prefix: str = "/"
     host: str = "127.0.0.1"
@@ -265,19 +265,44 @@ class ServeConfig(_Strict):
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     gpus_per_replica: float = Field(0, ge=0)
     cpus_per_replica: float = Field(1, gt=0)
-    max_ongoing_requests: int = Field(8, ge=1)
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests one replica takes at once; more wait at the caller (up to "
+        "max_queued_requests, then 503). Unset: for a causal LM on the engine, twice max_batch_size (the engine "
+        "queues what its KV cache cannot hold yet); otherwise 8.")
     max_queued_requests: int = Field(32, ge=-1)
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int | None = Field(
+        None, ge=1, description="The most sequences a replica decodes together (the engine admits by free KV "
+        "blocks up to this); unset: 256 on a GPU, 8 on a CPU. On the generate path: the dynamic batch (unset: 8).")
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_tokens_limit: int = Field(512, ge=1)
     auth_token_env: str | None = None
     engine: Literal["continuous", "generate"] = Field(
-        "continuous", description="continuous: the decode engine (max_batch_size slots, requests join and leave "
-                                  "per step); generate: transformers' generate over dynamic batches")
-    cuda_graphs: bool = Field(True, description="On a GPU, capture the engine's decode step in CUDA graphs.")
-    kernels: bool = Field(True, description="On a GPU, the engine's Triton decode step (fused rotary, norms, "
-                          "SiLU; attention over each sequence's own length).")
-
+        "continuous", description="continuous: the decode engine (paged KV cache, requests join and leave per "
+                                  "step, LoRA adapters in the same steps); generate: transformers' generate over "
+                                  "dynamic batches")
+    cuda_graphs: bool = Field(True, description="On a GPU, capture the engine's step in CUDA graphs.")
+    kernels: bool = Field(True, description="On a GPU, the engine's Triton step (fused rotary and norms, paged "
+                          "attention over each sequence's own length, LoRA in one launch per projection).")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of the GPU's memory a replica fills: the weights, the largest step's "
+        "activations, and KV cache blocks in the rest (as vLLM names it).")
+    kv_block_size: int | None = Field(None, ge=1, description="Positions per KV cache block (unset: 32 on a GPU; "
+                                      "on a CPU one block per sequence).")
+    prefill_chunk: int = Field(256, ge=1, description="Prompt tokens prefilled per step while other sequences "
+                               "decode (a long prompt is split, so it never stalls them).")
+    prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes seen before (system "
+                                 "prompt, few-shot examples, chat template), per adapter.")
+    stream_interval_ms: float = Field(
+        20.0, ge=0, description="A stream's text goes out at most this often after its first piece: under load "
+        "each stream item carries several tokens instead of one (0: every token).")
+    batch_invariant: bool = Field(
+        False, description="A request's greedy tokens do not depend on what else is batched (matmuls whose tiling "
+        "ignores the batch size; GPU only); costs some throughput (BENCHMARKS.md).")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served on the run's base, by served name -> adapter "
+        "directory (`orchestrator serve --adapter NAME=DIR`); requests pick one by `model`.")
+    max_adapters: int = Field(8, ge=1, description="Adapters resident on the device at once (least recently used "
+                              "evicted; loaded off the decode thread).")
 
 class MlflowTracking(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI: a server (http://...), sqlite:///FILE, "

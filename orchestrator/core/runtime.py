@@ -9,6 +9,7 @@ from pathlib import Path
 
 from orchestrator.core.console import console
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/, data/, models/
 VERBOSE = False  # `-v`: Ray's and the libraries' output on the console too (set by setup_logging)
 
 

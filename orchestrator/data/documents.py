@@ -1,6 +1,6 @@
 """Legal documents: PDF page text, page-furniture cleaning, and segmentation into Parts and Articles.
 
-These are pure functions over strings; :mod:`orchestrator.data` runs them inside Ray Data
+These are pure functions over strings; :mod:`orchestrator.data.pipelines` runs them inside Ray Data
 (pages are extracted in parallel, then each document's pages are segmented in order).
 """
 

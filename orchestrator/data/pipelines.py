@@ -1,7 +1,7 @@
 """Ray Data pipelines for both corpora, ending as tokenized Ray Datasets that Ray Train workers stream.
 
 Constitution (causal_lm): PDF pages are extracted in parallel Ray tasks, grouped per document and
-segmented into Articles (:mod:`orchestrator.documents`), turned into QA pairs (:mod:`orchestrator.qa`),
+segmented into Articles (:mod:`orchestrator.data.documents`), turned into QA pairs (:mod:`orchestrator.data.qa`),
 tokenized by an actor pool with prompt masking, then packed (or left for dynamic padding).
 
 Medical NER (token_classification): CoNLL/BIO or JSON files are validated on the driver (so a bad

@@ -51,7 +51,7 @@ def _sentence(text: str) -> str:
 
 
 def rule_based_pairs(article: dict[str, Any], doc: str = DOC_NAME) -> list[dict[str, str]]:
-    """Deterministic pairs for one article row (see :class:`orchestrator.documents.Article`)."""
+    """Deterministic pairs for one article row (see :class:`orchestrator.data.documents.Article`)."""
     n, title, text = article["number"], article["title"], article["text"]
     part = article.get("part_title")
     src = {"article": n, "title": title}

@@ -20,6 +20,7 @@ import yaml
 
 from orchestrator.core.config import ConfigError, RunConfig, load_config
 from orchestrator.core.io import atomic_write_text
+from orchestrator.core.runtime import PROJECT_ROOT
 from orchestrator.deployment.launcher import app_args, serve_config
 
 KUBERAY_API = "ray.io/v1"
@@ -115,8 +116,7 @@ def _ray_version() -> str:
 def _config_arg(config: str | Path) -> str:
     """The config as the job sees it: relative to the project root when it lies inside it."""
     p = Path(config).resolve()
-    root = Path(__file__).resolve().parent.parent
-    return str(p.relative_to(root)) if p.is_relative_to(root) else str(config)
+    return str(p.relative_to(PROJECT_ROOT)) if p.is_relative_to(PROJECT_ROOT) else str(config)
 
 
 def rayjob(cfg: RunConfig, config: str | Path, c: Cluster, overrides: list[str]) -> dict[str, Any]:

@@ -8,6 +8,9 @@ config file (``serve_config.yaml``) usable with ``serve deploy``.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,26 +24,47 @@ APP_NAME = "orchestrator"
 
 
 def model_spec(cfg: RunConfig, model_path: str | Path | None = None, check: bool = True) -> dict[str, Any]:
-    """serve/app.py's ModelSpec for one run config (``check``: the merged model must be here; off for a path
-    that exists only where the app will run, as in a RayService)."""
+    """serve/app.py's ModelSpec for one run config (``check``: the merged model, or the adapters, must be here;
+    off for paths that exist only where the app will run, as in a RayService). With ``serve.adapters`` the base
+    the adapters were trained on is served (16-bit), the adapters on it."""
     s = cfg.serve
-    path = Path(model_path) if model_path else Path(cfg.run_dir) / "merged"
-    if check and not (path / "config.json").is_file():
-        raise ConfigError(f"{cfg.name}: no merged model at {path} (run `orchestrator merge` first, or pass --model)")
+    if s.adapters:
+        source = {"base": model_path or cfg.model.name_or_path, "adapters": _adapters(s.adapters, check)}
+    else:
+        path = Path(model_path) if model_path else Path(cfg.run_dir) / "merged"
+        if check and not (path / "config.json").is_file():
+            raise ConfigError(f"{cfg.name}: no merged model at {path} (run `orchestrator merge` first, or pass --model)")
+        source = {"path": str(path.resolve() if check else path)}
     auto = s.autoscaling
+    engine = cfg.model.task == "causal_lm" and s.engine == "continuous"
+    gpu = s.gpus_per_replica > 0
+    ongoing = s.max_ongoing_requests or (2 * (s.max_batch_size or (256 if gpu else 8)) if engine else 8)
     return {
-        "name": cfg.name, "task": cfg.model.task, "path": str(path.resolve() if check else path),
+        "name": cfg.name, "task": cfg.model.task, **source,
         "chat_template": cfg.data.chat_template, "system_prompt": cfg.data.system_prompt,
         "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
         "max_tokens_limit": s.max_tokens_limit, "max_input_length": cfg.data.max_seq_length,
-        "max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests,
+        "max_ongoing_requests": ongoing, "max_queued_requests": s.max_queued_requests,
         "autoscaling": {"min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
                         "initial_replicas": max(auto.min_replicas, 1),
                         "target_ongoing_requests": auto.target_ongoing_requests,
                         "upscale_delay_s": auto.upscale_delay_s, "downscale_delay_s": auto.downscale_delay_s},
         "num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
         "engine": s.engine, "cuda_graphs": s.cuda_graphs, "kernels": s.kernels,
+        "gpu_memory_utilization": s.gpu_memory_utilization, "kv_block_size": s.kv_block_size,
+        "prefill_chunk": s.prefill_chunk, "prefix_caching": s.prefix_caching,
+        "stream_interval_ms": s.stream_interval_ms, "batch_invariant": s.batch_invariant,
+        "max_adapters": s.max_adapters,
     }
+
+
+def _adapters(adapters: dict[str, str], check: bool) -> dict[str, str]:
+    """Served name -> adapter directory (absolute where checked: each must be a PEFT adapter directory)."""
+    from orchestrator.artifacts.adapters import require_adapter
+
+    if not check:
+        return dict(adapters)
+    return {name: str(require_adapter(path)) for name, path in adapters.items()}
 
 
 def app_args(cfgs: list[RunConfig], model_paths: list[str | None] | None = None, check: bool = True) -> dict[str, Any]:
@@ -70,7 +94,47 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> st
     serve.start(http_options={"host": host, "port": port})
     console.reroute()  # Serve sets up its own console logger when it starts
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    wait_ready(url)
+    return url
+
+
+def wait_ready(url: str, timeout_s: float = 1800.0) -> None:
+    """Until ``/healthz`` answers 200 (every model deployment has a replica that finished loading)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s (see the log file)")
+
+
+def engine_lines(url: str, args: dict[str, Any]) -> list[str]:
+    """One line per served causal LM: what its engine chose (from ``/v1/stats``)."""
+    import httpx
+
+    env = args.get("auth_token_env")
+    token = os.environ.get(env) if env else None
+    try:
+        r = httpx.get(f"{url}/v1/stats", timeout=30, headers={"Authorization": f"Bearer {token}"} if token else {})
+        models = r.json().get("models", {}) if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return []
+    out = []
+    for name, st in models.items():
+        if st.get("path") == "engine":
+            out.append(f"{name}: {st['blocks']:,} KV blocks of {st['block_size']} positions "
+                       f"({st['kv_bytes'] / 2**30:.2f} GiB), up to {st['max_sequences']} sequences, "
+                       f"{'Triton' if st['kernels'] else 'PyTorch'} step"
+                       + (f", adapters {', '.join(st['adapters'])}" if st.get("adapters") else ""))
+        elif st.get("path") == "generate":
+            out.append(f"{name}: served through transformers' generate")
+    return out
 
 
 def urls(url: str, args: dict[str, Any]) -> str:
@@ -115,15 +179,20 @@ def run_serve(configs: list[str | Path], overrides: list[str] | None = None, mod
     init_ray(log_file=Path(cfgs[0].output_dir) / "ray.log")
     url = start(args, s.host, s.port)
     print(f"serve config: {out}")
-    if blocking:
-        print(urls(url, args) + "\n(Ctrl-C stops)")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            from ray import serve
-
-            serve.shutdown()
-    else:
+    for line in engine_lines(url, args):
+        print(line)
+    if not blocking:
         print(urls(url, args))
+        return url
+    print(urls(url, args) + "\n(Ctrl-C or SIGTERM stops)")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # what Kubernetes and systemd send
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    from ray import serve
+
+    serve.shutdown()
+    print("Serve shut down")
     return url

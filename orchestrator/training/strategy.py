@@ -190,7 +190,7 @@ def make_strategy(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim
                   device: torch.device, forward_module: torch.nn.Module | None = None,
                   flat: FlatParameters | None = None) -> DDPStrategy:
     """``model`` is what is saved and evaluated; ``forward_module`` (default: the model) what training
-    forwards go through, e.g. the chunked-loss wrapper of :mod:`orchestrator.loss`; ``flat``: the trainable
+    forwards go through, e.g. the chunked-loss wrapper of :mod:`orchestrator.training.loss`; ``flat``: the trainable
     parameters' flat buffers of CUDA-graphed steps (DDP only), whose gradients the strategy all-reduces itself."""
     if cfg.train.strategy == "ddp":
         return DDPStrategy(cfg, model, optimizer, world, device, forward_module, flat)

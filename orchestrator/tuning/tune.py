@@ -1,6 +1,6 @@
 """`orchestrator tune CONFIG`: a Ray Tune study whose trials are full Ray Train runs.
 
-Each trial is the training entry (:func:`orchestrator.train.run_training`) on the run config with the
+Each trial is the training entry (:func:`orchestrator.training.train.run_training`) on the run config with the
 trial's values set at their dotted paths (``lora.r``, ``train.lr``, ... any field). Inside the trial the
 Train controller forwards every validation report to Tune (:class:`EvalToTune`), so the scheduler (ASHA)
 compares trials on the training loop's own evaluation schedule. Trial drivers ask for
