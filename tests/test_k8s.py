@@ -93,6 +93,8 @@ def test_rayservice_serves_what_orchestrator_serve_deploys(rendered):
     worker = svc["rayClusterConfig"]["workerGroupSpecs"][0]
     gpus = int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert worker["maxReplicas"] * gpus >= cfg.serve.autoscaling.max_replicas * cfg.serve.gpus_per_replica
+    probe = svc["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": 8000}  # ready only once the models can answer
 
 
 @pytest.mark.parametrize("args, message", [

@@ -393,6 +393,47 @@ def test_coalescer_merges_batches_handed_in_while_the_model_is_busy():
     assert ok == [90] and not running
 
 
+def test_healthz_answers_503_until_every_model_can_serve(app, tiny_model_dir):
+    """A replica that takes seconds to load: /healthz is 503 naming it meanwhile (the gateway is up), then 200,
+    and a completion is answered at once after the first 200."""
+    import threading
+
+    from ray import serve
+
+    from serve.gateway import GatewayDeployment
+    from serve.generator import LOAD_DELAY_ENV, TextGenerator
+    from serve.schemas import ModelSpec
+
+    spec = ModelSpec.model_validate(_spec("slowqa", "causal_lm", tiny_model_dir)).model_dump()
+    dep = serve.deployment(TextGenerator, name="TextGenerator-slowqa").options(
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {LOAD_DELAY_ENV: "8"}}}).bind(spec)
+    app = GatewayDeployment.bind({"slowqa": dep}, {"slowqa": "causal_lm"}, {}, None)
+    deploying = threading.Thread(target=lambda: serve.run(app, name="slow", route_prefix="/slow"), daemon=True)
+    deploying.start()
+    seen, deadline = [], time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{URL}/slow/healthz", timeout=10)
+            except httpx.HTTPError:
+                time.sleep(0.2)
+                continue
+            if r.status_code != 404:  # 404: the route is not there yet
+                seen.append((r.status_code, r.json()))
+            if r.status_code == 200:
+                break
+            time.sleep(0.3)
+        codes = [c for c, _ in seen]
+        assert codes and codes[-1] == 200 and 503 in codes, seen
+        assert seen[codes.index(503)][1] == {"status": "loading", "waiting_for": ["slowqa"]}
+        t0 = time.monotonic()
+        r = httpx.post(f"{URL}/slow/v1/completions", json={"prompt": "The Constitution", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and time.monotonic() - t0 < 10
+    finally:
+        deploying.join(timeout=120)
+        serve.delete("slow")
+
+
 def test_more_adapters_than_slots_are_evicted_and_answer_again_when_asked(ray_local, tiny_model_dir,
                                                                           tmp_path_factory):
     """More adapters than the engine keeps on the device: the least recently used idle one gives its slot up,

@@ -395,6 +395,7 @@ class RunConfig(_Strict):
         d.qa.jsonl_path = fix(d.qa.jsonl_path)
         d.qa.cache_dir = fix(d.qa.cache_dir)
         d.parquet_dir = fix(d.parquet_dir)
+        self.serve.adapters = {name: fix(path) for name, path in self.serve.adapters.items()}
         uri = self.tracking.mlflow.tracking_uri
         if uri and ":" not in uri.replace(OUTPUT_DIR_VAR, ""):  # a directory: its store file, absolute
             self.tracking.mlflow.tracking_uri = f"sqlite:///{fix(uri)}/mlflow.db"

@@ -149,6 +149,10 @@ def rayservice(cfg: RunConfig, c: Cluster) -> dict[str, Any]:
     workers = max(1, math.ceil(s.autoscaling.min_replicas / per_worker))
     max_workers = max(workers, math.ceil(s.autoscaling.max_replicas / per_worker))
     cluster = _ray_cluster(c, workers, gpus * per_worker, max_workers)  # no GPUs for a CPU-served model
+    # ready once every model deployment can answer (the gateway's /healthz is 503 while a replica loads)
+    cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["readinessProbe"] = {
+        "httpGet": {"path": "/healthz", "port": 8000}, "initialDelaySeconds": 10, "periodSeconds": 5,
+        "timeoutSeconds": 5, "failureThreshold": 360}
     return {
         "apiVersion": KUBERAY_API, "kind": "RayService",
         "metadata": {"name": k8s_name(cfg.name, "serve"), "namespace": c.namespace,
