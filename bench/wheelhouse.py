@@ -1,6 +1,6 @@
 """One slim wheelhouse for the GPU training bench: the project's training dependencies and the peers' together.
 
-    python bench/wheelhouse.py OUT SRC_DIR [SRC_DIR ...]
+    python bench/wheelhouse.py OUT SRC_DIR [SRC_DIR ...] [--for train|serve]
 
 Copies every wheel from the source folders into OUT (a package found in several folders: the first folder's
 wins, so list the peers' folder first where it pins an older ``datasets``), leaves out what a training bench
@@ -20,9 +20,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-# imported only by Ray Serve (the bench trains) or by the ZeRO variants (DeepSpeed)
-DROP = {"fastapi", "starlette", "uvicorn", "httptools", "watchfiles", "websockets", "grpcio_reflection",
-        "python_dotenv", "deepspeed", "hjson", "ninja", "py_cpuinfo"}
+# imported only by Ray Serve (the training bench), by the ZeRO variants (DeepSpeed), or only by training and
+# data preparation (the serving bench loads a saved model and serves it)
+DROP = {"train": {"fastapi", "starlette", "uvicorn", "httptools", "watchfiles", "websockets", "grpcio_reflection",
+                  "python_dotenv", "deepspeed", "hjson", "ninja", "py_cpuinfo"},
+        "serve": {"bitsandbytes", "datasets", "pypdf", "multiprocess", "dill", "deepspeed", "hjson", "ninja",
+                  "py_cpuinfo"}}
 
 
 def package(wheel: Path) -> str:
@@ -85,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("sources", type=Path, nargs="+")
+    ap.add_argument("--for", dest="purpose", choices=list(DROP), default="train")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for old in args.out.glob("*.whl"):
@@ -93,7 +97,7 @@ def main() -> None:
     for src in args.sources:
         for wheel in sorted(src.glob("*.whl")):
             name = package(wheel)
-            if name in seen or name in DROP:
+            if name in seen or name in DROP[args.purpose]:
                 continue
             seen.add(name)
             repack(wheel, args.out / wheel.name)

@@ -53,6 +53,10 @@ def _serve_args(p):
     _overrides(p)
     p.add_argument("--model", action="append", help="merged model dir per config (default RUN_DIR/merged); an "
                    "adapter dir is merged first onto the base its adapter_config.json records")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve this LoRA adapter on the config's base, chosen by the request's model (repeatable)")
+    p.add_argument("--top", type=int, default=0, metavar="K",
+                   help="serve the adapters of the config's Tune study's K best trials on its base")
 
 
 def _pipeline_args(p):
@@ -127,7 +131,7 @@ def _merge(a):
 def _serve(a):
     from orchestrator.deployment.launcher import run_serve
 
-    run_serve(a.configs, a.overrides, a.model)
+    run_serve(a.configs, a.overrides, a.model, adapters=a.adapter, top=a.top)
 
 
 def _pipeline(a):

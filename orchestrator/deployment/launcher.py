@@ -8,6 +8,7 @@ config file (``serve_config.yaml``) usable with ``serve deploy``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.core.config import ConfigError, RunConfig, load_config
+from orchestrator.core.config import ConfigError, RunConfig, load_config, set_fields
 from orchestrator.core.io import atomic_write_text
 
 APP_NAME = "orchestrator"
@@ -163,14 +164,55 @@ def served_model(config: str | Path, model: str | None, overrides: list[str] | N
     return str(out)
 
 
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    """``--adapter NAME=DIR`` values as served name -> directory (one-line errors for a malformed one)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--adapter {item!r}: expected NAME=DIR, e.g. --adapter legal=runs/legal/adapter")
+        if name in out:
+            raise ConfigError(f"--adapter {name}: given twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def study_adapters(cfg: RunConfig, top: int) -> dict[str, str]:
+    """The adapters of a Tune study's ``top`` best trials (its trials.json, ranked by the study's metric), named
+    ``STUDY-TRIAL``: each trial's best checkpoint, or its final adapter."""
+    table = Path(cfg.run_dir) / "trials.json"
+    if not table.is_file():
+        raise ConfigError(f"--top {top}: {table} not found (run `orchestrator tune` on this config first)")
+    key = f"best_{cfg.tune.metric}"
+    trials = [t for t in json.loads(table.read_text()) if t.get(key) is not None]
+    trials.sort(key=lambda t: t[key], reverse=cfg.tune.mode == "max")
+    out = {}
+    for t in trials[:top]:
+        ckpt = Path(t["best_checkpoint"]) / "adapter" if t.get("best_checkpoint") else None
+        final = Path(cfg.run_dir) / "trials" / t["trial_id"] / "adapter"
+        path = ckpt if ckpt and ckpt.is_dir() else final
+        if path.is_dir():
+            out[f"{cfg.name}-{t['trial_id']}"] = str(path)
+    if not out:
+        raise ConfigError(f"--top {top}: no trial of {cfg.run_dir} left an adapter")
+    return out
+
+
 def run_serve(configs: list[str | Path], overrides: list[str] | None = None, models: list[str] | None = None,
-              blocking: bool = True) -> str:
-    """Entry for `orchestrator serve` (blocks) and jobs/deploy.py (returns; Serve apps outlive the job)."""
+              blocking: bool = True, adapters: list[str] | None = None, top: int = 0) -> str:
+    """Entry for `orchestrator serve` (blocks) and jobs/deploy.py (returns; Serve apps outlive the job).
+    ``adapters`` (``NAME=DIR``) and ``top`` (the config's Tune study's best trials) serve LoRA adapters on the
+    config's base instead of its merged model (one config)."""
     from orchestrator.core.runtime import init_ray
 
     cfgs = [load_config(c, overrides) for c in configs]
     if models and len(models) != len(cfgs):
         raise ConfigError(f"--model given {len(models)} times for {len(cfgs)} configs")
+    if adapters or top:
+        if len(cfgs) != 1 or cfgs[0].model.task != "causal_lm":
+            raise ConfigError("--adapter and --top serve adapters on one causal-LM config's base; give one config")
+        extra = {**parse_adapters(adapters or []), **(study_adapters(cfgs[0], top) if top else {})}
+        cfgs[0] = set_fields(cfgs[0], {"serve.adapters": {**cfgs[0].serve.adapters, **extra}})
     models = [served_model(c, m, overrides) for c, m in zip(configs, models or [None] * len(cfgs), strict=True)]
     args = app_args(cfgs, models)
     s = cfgs[0].serve
