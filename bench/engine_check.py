@@ -1,251 +1,274 @@
-"""The decode engine's Triton step against its PyTorch (SDPA) step on a GPU: agreement and step time.
+"""The decode engine in-process on a GPU (no HTTP, no Ray): correctness, prefix caching, chunked prefill, batch
+invariance and the model families, each measured beside its counterpart in the same call.
 
-    python bench/engine_check.py --model DIR [--batches 1 8 32 64] [--tag TAG]
+    python bench/engine_check.py --model DIR [--parts agree prefix chunked invariant families] [--tag TAG]
 
-1. Agreement: both decoders prefill the same prompts (random tokens, lengths 100-300) and decode 32 greedy
-   steps fed the same tokens; each is compared with transformers' own forward over the same tokens (the
-   share of argmaxes that agree, the largest logit difference over the logits' spread): two bf16 paths
-   differ in rounding, so the PyTorch step's figure is the yardstick for the Triton step's.
-2. Step time: each engine's captured decode graph replayed 50 times per batch size with the rows at
-   positions spread over 200-328 (the serving bench's 200-token prompts, 128 new tokens), timed with CUDA
-   events; the HBM bound counts the weights plus each row's KV cache once.
-3. The engine driven in-process (no HTTP, no Ray): 32 and 64 callers, one request each (the peers' closed
-   batch) and six each (steady state).
-4. The packed prefill graph for 1-8 prompts of 200 tokens; the attention kernel's variants alone per batch
-   size; the Triton step's GPU time per kernel at 32.
+* ``agree``: greedy tokens of 16 prompts decoded together against transformers' ``generate`` on each alone (bf16
+  on both sides, so near-ties may split: the share of tokens equal up to the first difference).
+* ``prefix``: 32 concurrent requests sharing a 1,000-token prefix (each with its own 40-token question), with
+  prefix caching on and off: TTFT p50/p99, tokens/s, hit rate.
+* ``chunked``: 32 streams decoding; a 2,000-token prompt arrives; inter-token gaps of the 32 before and while it
+  is prefilled (p50/p99), and the same with the prompt prefilled in one piece (``prefill_chunk`` 4096).
+* ``invariant``: tokens/s at 32 streams with ``batch_invariant`` off and on; a request's greedy tokens alone and
+  among 31 others under each.
+* ``families``: Llama, Mistral, Qwen 2, Qwen 3 and Gemma 3 of about 1.3B parameters each (random weights, same
+  widths and depth), tokens/s at 32 streams of 200 + 128 tokens, each against the Llama figure.
 Writes bench/results/engine_check[_TAG].json.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
-import statistics
+import os
+import random
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
+
+
+class Tracker:
+    """One request's events with their arrival times."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.t0 = time.perf_counter()
+        self.done = threading.Event()
+        self.tokens = 0
+
+    def __call__(self, ev: dict) -> None:
+        if "text" in ev:
+            self.times.append(time.perf_counter())
+        if "finish_reason" in ev:
+            self.tokens = ev["completion_tokens"]
+            self.done.set()
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 5) if xs else None
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def closed_loop(engine, prompts: list[list[int]], new: int, rounds: int = 2) -> dict:
+    """len(prompts) callers, each sending ``rounds`` requests in turn; generated tokens/s and TTFT."""
+    from serve.engine import Sampling
+
+    ttft, tokens = [], 0
+
+    def caller(i: int) -> None:
+        nonlocal tokens
+        for r in range(rounds):
+            t = Tracker()
+            engine.submit(prompts[(i + r * 7) % len(prompts)], Sampling(max_tokens=new), t)
+            t.done.wait(600)
+            ttft.append(t.times[0] - t.t0 if t.times else float("nan"))
+            tokens += t.tokens
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(prompts))]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    wall = time.perf_counter() - t0
+    return {"callers": len(prompts), "tokens_per_s": round(tokens / wall, 1), "ttft_p50_s": pct(ttft, 0.5),
+            "ttft_p99_s": pct(ttft, 0.99)}
+
+
+def make_engine(model, tok, **kw):
+    from serve.engine import Engine
+
+    eng = Engine(model, tok, max_seqs=kw.pop("max_seqs", 256), max_len=kw.pop("max_len", 2560), **kw)
+    eng.eos = set()
+    return eng
+
+
+def close(eng) -> None:
+    import torch
+
+    eng.shutdown()
+    del eng
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def part_agree(model, tok, vocab: int) -> dict:
+    import torch
+
+    prompts = random_prompts(16, 120, vocab, 1)
+    eng = make_engine(model, tok, max_seqs=16, max_len=512)
+    seqs = []
+    done = []
+    from serve.engine import Sampling
+
+    for p in prompts:
+        t = Tracker()
+        seqs.append(eng.submit(p, Sampling(max_tokens=32), t))
+        done.append(t)
+    [t.done.wait(300) for t in done]
+    close(eng)
+    same = total = 0
+    for p, s in zip(prompts, seqs, strict=True):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=32, min_new_tokens=32,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        k = next((i for i, (a, b) in enumerate(zip(s.tokens, ref, strict=False)) if a != b), len(ref))
+        same, total = same + k, total + len(ref)
+    return {"prompts": 16, "tokens_equal_until_first_difference": round(same / total, 4)}
+
+
+def part_prefix(model, tok, vocab: int) -> dict:
+    head = random_prompts(1, 1000, vocab, 2)[0]
+    prompts = [head + q for q in random_prompts(32, 40, vocab, 3)]
+    out = {}
+    for caching in (True, False):
+        eng = make_engine(model, tok, prefix_caching=caching)
+        out["cached" if caching else "uncached"] = closed_loop(eng, prompts, 64) | {
+            "hit_rate": eng.stats()["prefix_hit_rate"]}
+        close(eng)
+    out["ttft_p50_ratio"] = round(out["cached"]["ttft_p50_s"] / out["uncached"]["ttft_p50_s"], 3)
+    out["tokens_per_s_ratio"] = round(out["cached"]["tokens_per_s"] / out["uncached"]["tokens_per_s"], 3)
+    return out
+
+
+def part_chunked(model, tok, vocab: int) -> dict:
+    from serve.engine import Sampling
+
+    out = {}
+    for chunk in (256, 4096):
+        eng = make_engine(model, tok, prefill_chunk=chunk, max_prefill=4096)
+        streams = [Tracker() for _ in range(32)]
+        for p, t in zip(random_prompts(32, 200, vocab, 4), streams, strict=True):
+            eng.submit(p, Sampling(max_tokens=400), t)
+        time.sleep(1.5)  # every stream decoding
+        t_long = time.perf_counter()
+        long = Tracker()
+        eng.submit(random_prompts(1, 2000, vocab, 5)[0], Sampling(max_tokens=4), long)
+        long.done.wait(120)
+        t_end = time.perf_counter()
+        [t.done.wait(300) for t in streams]
+        before, during = [], []
+        for t in streams:
+            for a, b in zip(t.times, t.times[1:], strict=False):
+                (during if t_long <= b <= t_end + 0.05 else before if b < t_long else []).append(b - a)
+        out[f"chunk_{chunk}"] = {"gap_p50_before_s": pct(before, 0.5), "gap_p99_before_s": pct(before, 0.99),
+                                 "gap_p50_during_s": pct(during, 0.5), "gap_p99_during_s": pct(during, 0.99),
+                                 "long_prompt_ttft_s": round(long.times[0] - long.t0, 3) if long.times else None}
+        c = out[f"chunk_{chunk}"]
+        c["p99_ratio"] = round(c["gap_p99_during_s"] / c["gap_p99_before_s"], 2) if c["gap_p99_during_s"] else None
+        close(eng)
+    return out
+
+
+def part_invariant(model, tok, vocab: int) -> dict:
+    from serve.engine import Sampling
+
+    prompts = random_prompts(32, 200, vocab, 6)
+    out = {}
+    for inv in (False, True):
+        eng = make_engine(model, tok, batch_invariant=inv)
+        alone = Tracker()
+        s = eng.submit(prompts[0], Sampling(max_tokens=64), alone)
+        alone.done.wait(300)
+        first = list(s.tokens)
+        others = [Tracker() for _ in range(31)]
+        for p, t in zip(prompts[1:], others, strict=True):
+            eng.submit(p, Sampling(max_tokens=200), t)
+        time.sleep(0.3)
+        again = Tracker()
+        s2 = eng.submit(prompts[0], Sampling(max_tokens=64), again)
+        again.done.wait(300)
+        [t.done.wait(300) for t in others]
+        speed = closed_loop(eng, prompts, 128)
+        out["on" if inv else "off"] = speed | {"same_tokens_alone_and_batched": first == s2.tokens}
+        close(eng)
+    out["cost"] = round(1 - out["on"]["tokens_per_s"] / out["off"]["tokens_per_s"], 3)
+    return out
+
+
+def family_model(kind: str):
+    import torch
+    import transformers as tf
+
+    common = dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=8, intermediate_size=5632, max_position_embeddings=4096)
+    cfg = {"llama": lambda: tf.LlamaConfig(**common), "mistral": lambda: tf.MistralConfig(**common, sliding_window=4096),
+           "qwen2": lambda: tf.Qwen2Config(**common), "qwen3": lambda: tf.Qwen3Config(**common, head_dim=128),
+           "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=128, sliding_window=512,
+                                                 query_pre_attn_scalar=128)}[kind]()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def part_families(tok) -> dict:
+    out = {}
+    for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma3"):
+        model = family_model(kind)
+        n = sum(p.numel() for p in model.parameters())
+        eng = make_engine(model, tok, max_len=1024)
+        out[kind] = closed_loop(eng, random_prompts(32, 200, 32000, 7), 128) | {"parameters": n}
+        close(eng)
+        del model
+        gc.collect()
+        print(json.dumps({kind: out[kind]}), flush=True)
+    for kind in out:
+        out[kind]["vs_llama"] = round(out[kind]["tokens_per_s"] / out["llama"]["tokens_per_s"], 3)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--parts", nargs="+", default=["agree", "prefix", "chunked", "invariant", "families"])
     ap.add_argument("--tag", default="")
-    args = ap.parse_args()
-
+    a = ap.parse_args()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serve.engine import Engine
-
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to(dev).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    slots, max_len = max(args.batches), 512
-    out: dict = {"device": torch.cuda.get_device_name(), "model": Path(args.model).name, "slots": slots,
-                 "max_len": max_len, "torch": torch.__version__}
-    out["direct"] = []
-    for c, r in ((32, 1), (32, 6), (64, 1), (64, 6)):
-        if c <= slots:
-            out["direct"].append(direct(model, tok, slots, max_len, c, r))
-            gc.collect()  # the finished engine (its cache) before the next one
-            torch.cuda.empty_cache()
-    engines = {}
-    for name, kernels in (("triton", True), ("sdpa", False)):
-        engines[name] = Engine(model, tok, slots=slots, max_len=max_len, use_kernels=kernels)
-        engines[name].shutdown()  # only its decoder and graphs are used here
-    assert engines["triton"].dec.kernels and not engines["sdpa"].dec.kernels
-
-    with torch.inference_mode():
-        n = 8
-        lengths = torch.randint(100, 300, (n,), device=dev)
-        ids = torch.randint(0, model.config.vocab_size, (n, 300), device=dev)
-        prompts = [ids[i, :lengths[i]].tolist() for i in range(n)]
-        first = {k: e.dec.prefill(*e.dec.unpack(e.dec.pack(prompts, list(range(n))).to(dev), int(lengths.sum())))
-                 for k, e in engines.items()}
-        pos, cur = lengths.clone(), first["sdpa"].argmax(-1)
-        fed, logits = [], {k: [first[k]] for k in engines}
-        for _ in range(32):
-            fed.append(cur)
-            for k, e in engines.items():
-                logits[k].append(e.dec.decode(cur, pos, max_len))
-            cur, pos = logits["sdpa"][-1].argmax(-1), pos + 1
-        fed = torch.stack(fed, 1)  # [n, 32]
-        # transformers' own forward over prompt + fed tokens: the reference both decoders are compared with
-        ref = torch.stack([model(torch.cat([ids[i, :lengths[i]], fed[i]])[None]).logits[0, -33:].float()
-                           for i in range(n)], 1)  # [32, n, vocab]
-        out["agreement"] = {"steps": 33, "rows": n, "note": "step 0: the packed prefill's logits"}
-        for k in engines:
-            got = torch.stack(logits[k])
-            spread = (ref.amax(-1) - ref.amin(-1))[..., None]
-            out["agreement"][k] = {"argmax_vs_transformers": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-                                   "max_logit_diff_over_spread": ((got - ref).abs() / spread).max().item()}
-        a, b = torch.stack(logits["triton"]), torch.stack(logits["sdpa"])
-        out["agreement"]["argmax_triton_vs_sdpa"] = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-        print(json.dumps(out["agreement"]), flush=True)
-
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        cfg = model.config
-        kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-        kv_per_token = 2 * cfg.num_hidden_layers * kv_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
-        bw = {"H100": 3.35e12, "H200": 4.8e12}
-        peak = next((v for k, v in bw.items() if k in out["device"]), None)
-        out["steps"] = []
-        for b in args.batches:
-            positions = torch.linspace(200, 327, b, device=dev).long()
-            row = {"batch": b}
-            for name, e in engines.items():
-                e.pos[:b] = positions
-                span = e._bucket(e.span_buckets, int(positions.max()) + 1)
-                g, _ = e.graphs[(e._bucket(e.batch_buckets, b), span)]
-                row[f"{name}_ms"] = round(graph_ms(g, runs=50, warmup=3), 3)
-            row["speedup"] = round(row["sdpa_ms"] / row["triton_ms"], 3)
-            kv = kv_per_token * float(positions.sum() + b)
-            if peak:
-                row["hbm_bound_ms"] = round((weights + kv) / peak * 1e3, 3)
-            out["steps"].append(row)
-            print(json.dumps(row), flush=True)
-        out["prefill"] = prefill_times(engines["triton"])
-        out["attention_variants"] = attention_variants(engines["triton"], args.batches)
-        out["profile_b32"] = profile(engines["triton"], min(32, slots))
-    path = ROOT / "bench" / "results" / f"engine_check{'_' + args.tag if args.tag else ''}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print("wrote", path.relative_to(ROOT))
+    tok = AutoTokenizer.from_pretrained(a.model)
+    res = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "model": a.model, "parts": {},
+           "commit": os.environ.get("BENCH_COMMIT")}
+    model = None
+    for part in a.parts:
+        t0 = time.perf_counter()
+        if part == "families":
+            if model is not None:
+                del model
+                gc.collect()
+                torch.cuda.empty_cache()
+                model = None
+            res["parts"][part] = part_families(tok)
+        else:
+            if model is None:
+                dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+                model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(DEVICE).eval()
+            vocab = model.config.vocab_size
+            res["parts"][part] = globals()[f"part_{part}"](model, tok, vocab)
+        res["parts"][part]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({part: res["parts"][part]}), flush=True)
+        _write(res, a.tag)
+    print("engine_check done")
 
 
-def direct(model, tok, slots: int, max_len: int, clients: int, per_client: int) -> dict:
-    """The engine driven in-process, no server: ``clients`` callers each submit ``per_client`` requests one
-    after another (random 200-token prompts, 128 greedy tokens, EOS ignored). With one request per client it
-    is the peers' closed batch (bench/peer_decode.py), prefill included."""
-    import threading
-    import time
-
-    import torch
-
-    from serve.engine import Engine, Sampling
-
-    eng = Engine(model, tok, slots=slots, max_len=max_len)
-    eng.eos = set()
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, model.config.vocab_size, (200,), generator=gen).tolist() for _ in range(clients)]
-    left, tokens, finished = [per_client] * clients, [0], threading.Event()
-    lock = threading.Lock()
-    pending = [clients]
-
-    def client(i: int):
-        def on_event(ev: dict) -> None:
-            if "finish_reason" not in ev:
-                return
-            with lock:
-                tokens[0] += ev["completion_tokens"]
-                left[i] -= 1
-                again = left[i] > 0
-                if not again:
-                    pending[0] -= 1
-                    if pending[0] == 0:
-                        finished.set()
-            if again:
-                eng.submit(prompts[i], Sampling(max_tokens=128), on_event)
-        return on_event
-
-    t0 = time.perf_counter()
-    for i in range(clients):
-        eng.submit(prompts[i], Sampling(max_tokens=128), client(i))
-    assert finished.wait(300), "direct run did not finish"
-    wall = time.perf_counter() - t0
-    eng.shutdown()
-    steps = [s for _, s in eng.steps]
-    row = {"clients": clients, "per_client": per_client, "tokens": tokens[0], "wall_s": round(wall, 3),
-           "tokens_per_s": round(tokens[0] / wall, 1),
-           "median_step_ms": round(1e3 * statistics.median(steps), 2) if steps else None}
-    print(json.dumps({"direct": row}), flush=True)
-    return row
-
-
-def graph_ms(g, runs: int = 10, warmup: int = 2) -> float:
-    """Median GPU milliseconds of one replay of CUDA graph ``g`` (CUDA events), after ``warmup`` replays."""
-    import torch
-
-    times = []
-    for _ in range(warmup + runs):
-        s, t = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        t.record()
-        t.synchronize()
-        times.append(s.elapsed_time(t))
-    return statistics.median(times[warmup:])
-
-
-def prefill_times(engine) -> list[dict]:
-    """The prefill graph's time for 1, 2, 4 and 8 prompts of 200 tokens packed together."""
-
-    rows = []
-    for k in (1, 2, 4, 8):
-        if 200 * k > engine.pack_tokens:
-            break
-        width = engine._bucket(engine.prefill_buckets, 200 * k)
-        buf = engine.dec.pack([[1] * 200] * k, list(range(k)), width, engine.PACK)
-        engine.pf_buf[:buf.shape[0]].copy_(buf)
-        ms = graph_ms(engine.prefill_graphs[width][0])
-        rows.append({"prompts": k, "tokens": 200 * k, "bucket": width, "ms": round(ms, 2),
-                     "ms_per_prompt": round(ms / k, 2)})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
-def attention_variants(engine, batches: list[int]) -> list[dict]:
-    """decode_attention alone on one layer's cache, per batch size: one program per (row, head) walking the
-    row, or the rows split in chunks and merged (flash-decoding), for a few block sizes and warp counts."""
-    import torch
-    from triton.testing import do_bench
-
-    from serve import kernels
-
-    dec, rows = engine.dec, []
-    variants = [{"block": bl, "warps": w} for bl in (32, 64, 128) for w in (4, 8)]
-    variants += [{"chunk": c, "block": bl, "warps": 4} for c in (64, 128, 256) for bl in (32, 64) if bl <= c]
-    for b in batches:
-        positions = torch.linspace(200, 327, b, device=dec.device).long()
-        q = torch.randn(b, dec.heads, dec.head_dim, device=dec.device, dtype=dec.dtype)
-        row = {"batch": b}
-        for v in variants:
-            name = "_".join(f"{k}{x}" for k, x in v.items())
-            run = functools.partial(kernels.decode_attention, q, dec.k[0], dec.v[0], positions, **v)
-            row[name] = round(1e3 * do_bench(run, return_mode="median"), 2)
-        best = min((k for k in row if k != "batch"), key=row.get)
-        row["best"] = best
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
-
-
-def profile(engine, b: int) -> list[dict]:
-    """GPU time per kernel over 5 eager Triton decode steps at batch ``b``: where a step's time goes."""
-    import torch
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
-
-    dec = engine.dec
-    engine.pos[:b] = torch.linspace(200, 327, b, device=dec.device).long()
-    for _ in range(2):
-        dec.decode(engine.ids[:b], engine.pos[:b], engine.max_len)
-    torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(5):
-            dec.decode(engine.ids[:b], engine.pos[:b], engine.max_len)
-        torch.cuda.synchronize()
-    rows = sorted(p.key_averages(), key=lambda e: -e.device_time_total)[:15]
-    out = [{"kernel": e.key[:90], "calls_per_step": e.count // 5, "us_per_step": round(e.device_time_total / 5, 1)}
-           for e in rows]
-    for r in out:
-        print(json.dumps(r), flush=True)
-    return out
+def _write(res: dict, tag: str) -> None:
+    name = f"engine_check{'_' + tag if tag else ''}.json"
+    for folder in {ROOT / "bench/results", Path(os.environ.get("OUT", ROOT / "bench/results"))}:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,14 @@ def study_config(cfg: RunConfig, tune_set: dict[str, Any]) -> RunConfig:
     return set_fields(cfg, {"name": f"{cfg.name}-tune", **dotted_keys(tune_set)})
 
 
+def trials_config(tcfg: RunConfig, k: int) -> RunConfig:
+    """A study's ``k`` best trials' adapters served together on the run's base (``serve_top_k``)."""
+    from orchestrator.core.config import set_fields
+    from orchestrator.deployment.launcher import study_adapters
+
+    return set_fields(tcfg, {"name": f"{tcfg.name}-trials", "serve.adapters": study_adapters(tcfg, k)})
+
+
 def _tune(tcfg: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from orchestrator.tuning.tune import run_study
 
@@ -224,8 +232,9 @@ def run_pipeline(pipe: PipelineConfig, cfgs: list[RunConfig]) -> PipelineResult:
         if "serve" in stages:
             from orchestrator.deployment.launcher import app_args, start, urls
 
-            progress.stage("serve: one Ray Serve app with " + ", ".join(c.name for c in cfgs))
-            args = app_args(cfgs)
+            served = cfgs + [trials_config(tcfg, pipe.serve_top_k) for _, tcfg in tuned if pipe.serve_top_k]
+            progress.stage("serve: one Ray Serve app with " + ", ".join(c.name for c in served))
+            args = app_args(served)
             url = start(args, pipe.serve_host, pipe.serve_port)
             print(urls(url, args))
         if "ask" in stages:

@@ -35,6 +35,11 @@ from serve.decoder import Batch, Decoder
 from serve.families import EngineUnsupported, describe
 from serve.lora import AdapterPool
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers before 0.21.1: the engine decodes a window of tokens instead
+    DecodeStream = None
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineUnsupported", "Sampling", "Sequence", "check_supported"]
@@ -86,6 +91,7 @@ class Sequence:
     in_flight: int = 0  # launched steps not handed out yet
     paused: bool = False  # preempted: waits for its steps in flight, then waits in the queue again
     last_emit: float = 0.0
+    stream: Any = None  # the tokenizer's streaming decoder state
     reason: str | None = None
     error: str | None = None
 
@@ -328,7 +334,7 @@ class Engine:
                 self.seen = torch.zeros(self.max_seqs, self.dec.model.config.vocab_size, dtype=torch.bool,
                                         device=self.device)
             self.seen[seq.row] = False
-            self.seen[seq.row, torch.tensor(ctx, device=self.device)] = True
+            self.seen[seq.row, self._tensor(ctx)] = True
         self.running.append(seq)
 
     def _table(self, row: int, j: int, block: int) -> None:
@@ -409,15 +415,15 @@ class Engine:
         bs = self.block_size
         segments, samplers, sample_idx, tiles = [], [], [], []
         tok_adapter = np.full(t, -1, np.int64)
-        for i, seq in enumerate(decode):
-            p = seq.fed
-            pos[i], row[i], from_row[i] = p, seq.row, 1
-            slot[i] = seq.blocks[p // bs] * bs + p % bs
-            tok_adapter[i] = seq.slot
-            tiles.append((seq.row, i, 1))
-            segments.append((seq.row, i, 1, p))
-            samplers.append(seq)
-            sample_idx.append(i)
+        if decode:  # one token each: whole columns at once (the host's per-step work at 100+ sequences)
+            fed, rows = [s.fed for s in decode], [s.row for s in decode]
+            pos[:n_dec], row[:n_dec], from_row[:n_dec], tile_row[:n_dec], tile_len[:n_dec] = fed, rows, 1, rows, 1
+            slot[:n_dec] = [s.blocks[p // bs] * bs + p % bs for s, p in zip(decode, fed, strict=True)]
+            tile_start[:n_dec] = np.arange(n_dec)
+            tok_adapter[:n_dec] = [s.slot for s in decode]
+            segments += [(r, i, 1, p) for i, (r, p) in enumerate(zip(rows, fed, strict=True))]
+            samplers += decode
+            sample_idx += range(n_dec)
         k = n_dec
         for seq, first, n in chunks:
             ctx = seq.context
@@ -434,7 +440,7 @@ class Engine:
                 samplers.append(seq)
                 sample_idx.append(k + n - 1)
             k += n
-        for j, (r, s, n) in enumerate(tiles):
+        for j, (r, s, n) in enumerate(tiles, n_dec):
             tile_row[j], tile_start[j], tile_len[j] = r, s, n
         pos[k:] = 0  # padding: position 0 of the reserved block 0
         rest = buf[9 * t:]
@@ -478,7 +484,7 @@ class Engine:
         self.counters["tokens_prefilled"] += t_real - len(decode)
         if not samplers:
             return [], decode + [c[0] for c in chunks], None, None
-        rows = torch.tensor([s.row for s in samplers], device=self.device)
+        rows = self._tensor([s.row for s in samplers])
         nxt = self._sample(out[:len(samplers)], samplers, rows)
         self.last.index_copy_(0, rows, nxt)
         if self.seen is not None and any(s.params.repetition_penalty != 1.0 for s in samplers):
@@ -614,16 +620,13 @@ class Engine:
                 self._release(seq)
 
     def _detokenize(self, seq: Sequence, now: float) -> str | None:
-        """Incremental detokenization (a window of the last tokens), stop strings, and the text handed out (at
-        most every ``stream_interval`` seconds after the first piece); a tail that could begin a stop string is
-        held back. Returns "stop" when a stop string completed."""
-        tok = self.tokenizer
-        prefix = tok.decode(seq.tokens[seq.prefix_off:seq.read_off], skip_special_tokens=True)
-        full = tok.decode(seq.tokens[seq.prefix_off:], skip_special_tokens=True)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        """Incremental detokenization, stop strings, and the text handed out (at most every ``stream_interval``
+        seconds after the first piece); a tail that could begin a stop string is held back. Returns "stop" when a
+        stop string completed."""
+        piece = self._piece(seq)
+        if not piece:
             return None  # an incomplete character: wait for the next token
-        seq.text += full[len(prefix):]
-        seq.prefix_off, seq.read_off = seq.read_off, len(seq.tokens)
+        seq.text += piece
         stops = seq.params.stop
         cut = min((i for i in (seq.text.find(s, max(0, seq.sent - len(s))) for s in stops) if i >= 0), default=None)
         if cut is not None:
@@ -640,6 +643,24 @@ class Engine:
             seq.emit({"text": seq.text[seq.sent:upto]})
             seq.sent, seq.last_emit = upto, now
         return None
+
+    def _piece(self, seq: Sequence) -> str:
+        """The text the newest token adds: the fast tokenizer's own streaming decoder (one call per token), or a
+        window of the last tokens decoded twice."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and DecodeStream is not None:
+            if seq.stream is None:
+                seq.stream = DecodeStream(skip_special_tokens=True)
+                for t in seq.tokens[:-1]:  # after a preemption the stream starts over from the tokens so far
+                    seq.stream.step(backend, t)
+            return seq.stream.step(backend, seq.tokens[-1]) or ""
+        tok = self.tokenizer
+        prefix = tok.decode(seq.tokens[seq.prefix_off:seq.read_off], skip_special_tokens=True)
+        full = tok.decode(seq.tokens[seq.prefix_off:], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        seq.prefix_off, seq.read_off = seq.read_off, len(seq.tokens)
+        return full[len(prefix):]
 
     def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         """Finish ``seq`` (its blocks go back once its steps in flight are handed out) and send its last event."""

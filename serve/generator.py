@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -138,8 +139,10 @@ class TextGenerator:
         self.spec = ModelSpec.model_validate(spec)
         self.device = serving_device()
         source = self.spec.path or self.spec.base
-        self.tokenizer = AutoTokenizer.from_pretrained(next(iter(self.spec.adapters.values()), source)
-                                                       if self.spec.adapters else source)
+        # an adapter saved by training carries the tokenizer it was trained with; else the base's
+        first = next(iter(self.spec.adapters.values()), None)
+        has_own = first is not None and (Path(first) / "tokenizer_config.json").is_file()
+        self.tokenizer = AutoTokenizer.from_pretrained(first if has_own else source)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"

@@ -97,11 +97,11 @@ if triton is not None:
     def _paged_attention_kernel(q, k_cache, v_cache, out, block_table, bt_stride, tile_row, tile_start, tile_len,
                                 pos, scale, window, s_cb, s_ch, s_ct,
                                 H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                                BLOCK_M: tl.constexpr):
+                                BLOCK_M: tl.constexpr, SINGLE: tl.constexpr):
         t = tl.program_id(0)
         kh = tl.program_id(1)
         n = tl.load(tile_len + t)
-        if n > 0:
+        if (n == 1) if SINGLE else (n > 1):
             row = tl.load(tile_row + t)
             start = tl.load(tile_start + t)
             m = tl.arange(0, BLOCK_M)
@@ -262,9 +262,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = heads // kv_heads
     out = torch.empty_like(q)
     grid = (tile_len.shape[0], kv_heads)
-    _paged_attention_kernel[grid](q, k_cache, v_cache, out, block_table, block_table.stride(0), tile_row, tile_start,
-                                  tile_len, pos, scale, window, *k_cache.stride()[:3], H=heads, GROUP=group, D=d,
-                                  BS=k_cache.shape[2], BLOCK_M=_rows(tile, group), num_warps=8 if d >= 256 else 4)
+    # one launch for the one-token tiles (decoding sequences: few rows), one for the prompt tiles (many rows)
+    for single, rows in ((True, _rows(1, group)), (False, _rows(tile, group))):
+        _paged_attention_kernel[grid](q, k_cache, v_cache, out, block_table, block_table.stride(0), tile_row,
+                                      tile_start, tile_len, pos, scale, window, *k_cache.stride()[:3], H=heads,
+                                      GROUP=group, D=d, BS=k_cache.shape[2], BLOCK_M=rows, SINGLE=single,
+                                      num_warps=8 if d >= 256 and not single else 4)
     return out
 
 

@@ -600,6 +600,8 @@ class PipelineConfig(_Strict):
     serve_host: str = "127.0.0.1"
     serve_port: int = Field(8000, ge=1, le=65535)
     keep_serving: bool = Field(False, description="Leave Serve (and a local Ray) running after the pipeline.")
+    serve_top_k: int = Field(0, ge=0, description="Runs with a Tune study: also serve the adapters of its K best "
+                             "trials on the run's base (one model per trial, named RUN-tune-TRIAL).")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance (default: all).")
 
     @field_validator("stages")

@@ -1,0 +1,113 @@
+"""Serving as users meet it: `orchestrator serve`'s own code path, streaming chat clients over HTTP, the compiled
+transformers peer on the same card in the same call.
+
+    python bench/serve_user_path.py --model DIR [--config configs/constitution-qa.yaml] [--set FIELD=VALUE ...]
+        [--concurrency 1 8 32 64 128] [--per-client 2] [--prompt-tokens 200] [--max-tokens 128] [--peer] [--tag T]
+
+Starts the app as `orchestrator serve CONFIG --model DIR [--set ...]` does (``run_serve``: the config's serve
+section, readiness awaited), then at each concurrency drives closed-loop streaming clients
+(``/v1/chat/completions``, ``stream: true``, temperature 0, distinct prompts of about ``--prompt-tokens`` tokens,
+``--max-tokens`` new tokens) after a warm-up pass, reading the engine's own figures from ``/v1/stats``. Then it
+shuts Serve and Ray down and, with ``--peer``, runs bench/peer_decode.py (transformers, static cache, compiled,
+one static batch, no server) at 32 and 64 on the freed card. Writes bench/results/serve_user_path[_TAG].json
+with ``device``, ``config``, ``overrides``, ``results`` and ``peer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def device_name() -> str:
+    """The GPU's name without a CUDA context in this process (the replica sizes its cache from free memory)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "cpu"
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+
+
+def stats(url: str) -> dict:
+    import httpx
+
+    return httpx.get(f"{url}/v1/stats", timeout=60).json()["models"]
+
+
+def run_peer(batches: list[int], prompt: int, new: int) -> dict[str, float]:
+    out = Path(os.environ.get("OUT", "/tmp")) / "peer_decode.json"
+    cmd = [sys.executable, str(ROOT / "bench/peer_decode.py"), "--batches", *map(str, batches), "--prompt",
+           str(prompt), "--new", str(new), "--variants", "static", "--out", str(out)]
+    subprocess.run(cmd, check=False, timeout=1200)
+    runs = json.loads(out.read_text())["runs"] if out.is_file() else []
+    return {str(r["batch"]): r["new_tokens_per_s"] for r in runs if "new_tokens_per_s" in r}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--config", default="configs/constitution-qa.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    ap.add_argument("--per-client", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--peer", action="store_true")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    import ray
+    from clients import level
+    from ray import serve
+
+    from orchestrator.deployment.launcher import run_serve
+
+    res = {"device": device_name(), "config": a.config, "overrides": a.overrides, "model": a.model,
+           "commit": os.environ.get("BENCH_COMMIT") or _commit(), "prompt_tokens": a.prompt_tokens,
+           "max_tokens": a.max_tokens, "per_client": a.per_client, "results": [], "peer": {}}
+    t0 = time.perf_counter()
+    url = run_serve([ROOT / a.config], a.overrides, [a.model], blocking=False)
+    res["ready_s"] = round(time.perf_counter() - t0, 1)
+    res["engine"] = stats(url)
+    for c in a.concurrency:
+        r = level(url, c, a.per_client, a.max_tokens, a.prompt_tokens, seed=c)
+        r["engine_after"] = {k: v for k, v in next(iter(stats(url).values())).items()
+                             if k in ("steps", "tokens_generated", "tokens_prefilled", "preemptions", "blocks_free")}
+        res["results"].append(r)
+        print(json.dumps(r), flush=True)
+        _write(res, a.tag)
+    serve.shutdown()
+    ray.shutdown()
+    if a.peer:
+        res["peer"] = run_peer([32, 64], a.prompt_tokens, a.max_tokens)
+        for c in ("32", "64"):
+            mine = next((r["tokens_per_s"] for r in res["results"] if str(r["concurrency"]) == c), None)
+            if mine and res["peer"].get(c):
+                res.setdefault("vs_peer", {})[c] = round(mine / res["peer"][c], 3)
+    _write(res, a.tag)
+    print(json.dumps({k: res[k] for k in ("device", "peer", "ready_s")} | {"vs_peer": res.get("vs_peer")}))
+
+
+def _commit() -> str | None:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def _write(res: dict, tag: str) -> None:
+    name = f"serve_user_path{'_' + tag if tag else ''}.json"
+    for folder in {ROOT / "bench/results", Path(os.environ.get("OUT", ROOT / "bench/results"))}:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
