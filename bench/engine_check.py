@@ -8,7 +8,9 @@ invariance and the model families, each measured beside its counterpart in the s
 * ``prefix``: 32 concurrent requests sharing a 1,000-token prefix (each with its own 40-token question), with
   prefix caching on and off: TTFT p50/p99, tokens/s, hit rate.
 * ``chunked``: 32 streams decoding; a 2,000-token prompt arrives; inter-token gaps of the 32 before and while it
-  is prefilled (p50/p99), and the same with the prompt prefilled in one piece (``prefill_chunk`` 4096).
+  is prefilled (p50/p99), with the default chunk (512) and the prompt prefilled in one piece (4096).
+* ``inprocess``: the serving bench's load (32 and 64 callers, 200 + 128 tokens) on the engine alone, with its
+  step time and the share of the loop spent waiting for the device.
 * ``invariant``: tokens/s at 32 streams with ``batch_invariant`` off and on; a request's greedy tokens alone and
   among 31 others under each.
 * ``families``: Llama, Mistral, Qwen 2, Qwen 3 and Gemma 3 of about 1.3B parameters each (random weights, same
@@ -102,6 +104,21 @@ def close(eng) -> None:
         torch.cuda.empty_cache()
 
 
+def part_inprocess(model, tok, vocab: int) -> dict:
+    """The engine alone (no HTTP, no Ray) with the serving bench's load: 32 and 64 callers, 200-token prompts,
+    128 new tokens, two requests each; the engine's step figures beside."""
+    out = {}
+    eng = make_engine(model, tok, max_len=1536)
+    for callers in (32, 64):
+        closed_loop(eng, random_prompts(callers, 200, vocab, 11), 128, rounds=1)  # warm-up
+        r = closed_loop(eng, random_prompts(callers, 200, vocab, 12), 128)
+        st = eng.stats()
+        out[str(callers)] = r | {k: st[k] for k in ("step_ms_p50", "step_ms_p90", "mean_sequences_per_step",
+                                                    "device_wait_share")}
+    close(eng)
+    return out
+
+
 def part_agree(model, tok, vocab: int) -> dict:
     import torch
 
@@ -145,7 +162,7 @@ def part_chunked(model, tok, vocab: int) -> dict:
     from serve.engine import Sampling
 
     out = {}
-    for chunk in (256, 4096):
+    for chunk in (512, 4096):
         eng = make_engine(model, tok, prefill_chunk=chunk, max_prefill=4096)
         streams = [Tracker() for _ in range(32)]
         for p, t in zip(random_prompts(32, 200, vocab, 4), streams, strict=True):
@@ -233,7 +250,7 @@ def part_families(tok) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--parts", nargs="+", default=["agree", "prefix", "chunked", "invariant", "families"])
+    ap.add_argument("--parts", nargs="+", default=["agree", "inprocess", "prefix", "chunked", "invariant", "families"])
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     import torch

@@ -81,7 +81,8 @@ def main() -> None:
     for c in a.concurrency:
         r = level(url, c, a.per_client, a.max_tokens, a.prompt_tokens, seed=c)
         r["engine_after"] = {k: v for k, v in next(iter(stats(url).values())).items()
-                             if k in ("steps", "tokens_generated", "tokens_prefilled", "preemptions", "blocks_free")}
+                             if k in ("steps", "tokens_generated", "tokens_prefilled", "preemptions", "blocks_free",
+                                      "step_ms_p50", "step_ms_p90", "mean_sequences_per_step", "device_wait_share")}
         res["results"].append(r)
         print(json.dumps(r), flush=True)
         _write(res, a.tag)

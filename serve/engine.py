@@ -108,16 +108,13 @@ class Sequence:
 
 
 def _buckets(limit: int) -> list[int]:
-    """Token counts a step is padded to (a CUDA graph each)."""
-    out, n = [], 1
-    while n < min(limit, 16):
-        out.append(n)
-        n *= 2
-    n = 16
+    """Token counts a step is padded to (a CUDA graph each): powers of two to 16, then every 16 to 128, every 32 to
+    256, every 64 to 1024, every 256 above."""
+    out, n = [1, 2, 4, 8], 16
     while n < limit:
         out.append(n)
-        n += 16 if n < 128 else 32 if n < 256 else 64 if n < 512 else 256
-    return sorted(set(out + [limit]))
+        n += 16 if n < 128 else 32 if n < 256 else 64 if n < 1024 else 256
+    return sorted({b for b in out if b < limit} | {limit})
 
 
 class Engine:
@@ -130,10 +127,10 @@ class Engine:
     ``adapters``: served name -> PEFT directory, up to ``max_adapters`` resident on the device.
     """
 
-    PIPELINE = 2  # steps queued on the device while the host hands out tokens
+    PIPELINE = 3  # steps queued on the device while the host hands out tokens (slack for the host's hiccups)
 
     def __init__(self, model, tokenizer, max_seqs: int = 8, max_len: int = 1024, *, num_blocks: int | None = None,
-                 block_size: int | None = None, gpu_memory_utilization: float = 0.9, prefill_chunk: int = 256,
+                 block_size: int | None = None, gpu_memory_utilization: float = 0.9, prefill_chunk: int = 512,
                  max_prefill: int = 2048, cuda_graphs: bool | None = None, use_kernels: bool | None = None,
                  batch_invariant: bool = False, prefix_caching: bool = True, adapters: dict[str, str] | None = None,
                  max_adapters: int = 8, stream_interval: float = 0.0):
@@ -173,6 +170,8 @@ class Engine:
         self.stopped = False
         self.steps: deque[tuple[int, float]] = deque(maxlen=2000)  # (sequences, seconds) per step
         self.counters = {"steps": 0, "tokens_prefilled": 0, "tokens_generated": 0, "preemptions": 0}
+        self.waited = 0.0  # seconds the loop spent waiting for the device (the rest: host work)
+        self.looped = 0.0
         self.buckets = _buckets(min(self.max_tokens_step, 1 << 16)) if self.graphs_on else []
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, Batch]] = {}
         self.buf = torch.zeros(self._width(self.buckets[-1]) if self.buckets else 0, dtype=torch.long,
@@ -222,9 +221,15 @@ class Engine:
                 + (f", {self.adapters.slots} adapter slots" if self.adapters else ""))
 
     def stats(self) -> dict[str, Any]:
+        recent = list(self.steps)[-500:]
+        times = sorted(t for _, t in recent)
         out = {"family": self.fam.name, "max_sequences": self.max_seqs, "max_len": self.max_len,
                "kv_bytes": self.dec.kv_bytes_per_block() * (self.pool.count - 1), **self.pool.report(),
-               **self.load(), **self.counters, "cuda_graphs": len(self.graphs), "kernels": self.kernels}
+               **self.load(), **self.counters, "cuda_graphs": len(self.graphs), "kernels": self.kernels,
+               "step_ms_p50": round(1e3 * times[len(times) // 2], 2) if times else None,
+               "step_ms_p90": round(1e3 * times[int(len(times) * 0.9)], 2) if times else None,
+               "mean_sequences_per_step": round(sum(n for n, _ in recent) / len(recent), 1) if recent else None,
+               "device_wait_share": round(self.waited / self.looped, 3) if self.looped else None}
         if self.adapters:
             out.update(self.adapters.report())
         return out
@@ -251,6 +256,9 @@ class Engine:
     def _width(self, t: int) -> int:
         """Length of the step buffer for ``t`` tokens: 9 arrays of t, the sampling rows, the LoRA boundaries."""
         return 9 * t + min(t, self.max_seqs) + self.adapter_slots + 1
+
+    def _bucket(self, n: int) -> int:
+        return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
     def _views(self, buf: torch.Tensor, t: int, lora: bool) -> Batch:
         """The step's inputs as views of ``buf`` laid out for ``t`` tokens (see ``_pack``)."""
@@ -392,6 +400,8 @@ class Engine:
             if seq.fed >= ctx_len and seq.sampled < seq.params.max_tokens and self._grow(seq):
                 decode.append(seq)
         budget = min(self.prefill_chunk if decode else self.max_prefill, self.max_tokens_step - len(decode))
+        if self.graphs_on and budget > 0:  # the step is padded to a bucket anyway: prompts fill the padding
+            budget = self._bucket(len(decode) + budget) - len(decode)
         for seq in self.running:
             ctx_len = len(seq.context)
             if seq.paused or seq.done or seq.fed >= ctx_len or budget <= 0:
@@ -457,7 +467,7 @@ class Engine:
     def _launch(self, decode: list[Sequence], chunks: list[tuple[Sequence, int, int]]):
         """Queue one step's device work; returns (sequences that sample, their tokens on the host, event)."""
         t_real = len(decode) + sum(n for _, _, n in chunks)
-        t = next(b for b in self.buckets if b >= t_real) if self.graphs_on else t_real
+        t = self._bucket(t_real) if self.graphs_on else t_real
         host, samplers, segments = self._pack(decode, chunks, t)
         lora = bool(self.adapters) and any(s.slot >= 0 for s in decode + [c[0] for c in chunks])
         self._apply_table_updates()
@@ -581,6 +591,7 @@ class Engine:
                     now = time.perf_counter()
                     if launched:
                         self.steps.append((len(decode) + len(chunks), now - last))
+                        self.looped += now - last
                     last = now
                 for entry in queued:
                     self._hand_out(*entry)
@@ -596,7 +607,9 @@ class Engine:
         """Append each sampling sequence's new token, emit text, end those that are done; give back the blocks
         of sequences whose last step in flight this was."""
         if ev is not None:
+            t0 = time.perf_counter()
             ev.synchronize()
+            self.waited += time.perf_counter() - t0
         tokens = host.tolist() if host is not None else []
         now = time.perf_counter()
         for seq, tok in zip(samplers, tokens, strict=True):
