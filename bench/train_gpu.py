@@ -269,6 +269,15 @@ def mfu(tokens_per_s: float, cfg_json: dict, n_params: float, gpu: str, seq: int
     return round(flops_per_token * tokens_per_s / peak, 4)
 
 
+def parameters(c: dict) -> float:
+    """The model's weights from its config.json: embeddings, head, and per layer attention, MLP and norms."""
+    h, layers, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    d = c.get("head_dim") or h // heads
+    per_layer = 2 * h * heads * d + 2 * h * kv * d + 3 * h * inter + 2 * h
+    return vocab * h * (1 if c.get("tie_word_embeddings") else 2) + layers * per_layer + h
+
+
 def bench_commit() -> str:
     """The commit measured: ``BENCH_COMMIT`` where the machine's copy of the repository is not the commit's own
     checkout (its git metadata can be older than the files that travelled), else ``git rev-parse``."""
@@ -282,7 +291,7 @@ def write_results(args, results: dict, rows: int, cfg_json: dict, gpu: str) -> P
     import ray
     import torch
 
-    n_params = 6.74e9 if cfg_json["hidden_size"] == 4096 else None
+    n_params = parameters(cfg_json)
     for v, r in results.items():
         if "error" in r or "oom" in r:
             continue
@@ -310,11 +319,14 @@ def write_results(args, results: dict, rows: int, cfg_json: dict, gpu: str) -> P
     out = {"command": "python bench/train_gpu.py " + " ".join(sys.argv[1:]), "device": gpu,
            "commit": bench_commit(),
            "host": platform.node(), "gpus": torch.cuda.device_count(), "versions": {"torch": torch.__version__, "ray": ray.__version__},
-           "model": {k: cfg_json[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                               "intermediate_size", "vocab_size")},
+           "model": {k: cfg_json.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                   "num_attention_heads", "num_key_value_heads", "head_dim",
+                                                   "intermediate_size", "vocab_size")} | {"parameters": n_params},
            "mix": args.mix, "examples": rows, "steps": args.steps, "results": results}
     path = ROOT / f"bench/results/train_gpu_{args.mix}{('_' + args.tag) if args.tag else ''}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
+    if os.environ.get("OUT"):  # a GPU machine's outputs folder: the file comes back from there
+        (Path(os.environ["OUT"]) / path.name).write_text(json.dumps(out, indent=2) + "\n")
     return path
 
 

@@ -641,7 +641,10 @@ class Engine:
             return None  # an incomplete character: wait for the next token
         seq.text += piece
         stops = seq.params.stop
-        cut = min((i for i in (seq.text.find(s, max(0, seq.sent - len(s))) for s in stops) if i >= 0), default=None)
+        cut = None
+        if stops:
+            cut = min((i for i in (seq.text.find(s, max(0, seq.sent - len(s))) for s in stops) if i >= 0),
+                      default=None)
         if cut is not None:
             seq.text = seq.text[:cut]
             if cut > seq.sent:
@@ -650,7 +653,7 @@ class Engine:
             return "stop"
         if seq.sent and now - seq.last_emit < self.stream_interval:
             return None
-        hold = max((len(s) - 1 for s in stops), default=0)
+        hold = max((len(s) - 1 for s in stops), default=0) if stops else 0
         upto = max(seq.sent, len(seq.text) - hold)
         if upto > seq.sent:
             seq.emit({"text": seq.text[seq.sent:upto]})
