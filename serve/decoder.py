@@ -80,9 +80,7 @@ class Decoder:
         if b.perm is not None:
             a_pool, b_pool = self.adapters.pools[i][group]
             if self.kernels:
-                s = torch.empty(x.shape[0], a_pool.shape[1], device=x.device, dtype=x.dtype)
-                kernels.lora_expand(kernels.lora_shrink(x, a_pool, b.perm, b.seg_start, s), b_pool, b.perm,
-                                    b.seg_start, y)
+                kernels.lora_expand(kernels.lora_shrink(x, a_pool), b_pool, b.perm, b.seg_start, y)
             else:
                 _lora_torch(x, y, a_pool, b_pool, b)
         return y

@@ -10,8 +10,9 @@ prefilled, side by side. Per layer:
   query heads sharing that kv head ride in the same tile, so each cache block is read once per tile.
 * ``norm_add``: residual add (optionally of a normed delta, Gemma's post norms) and the next RMSNorm.
 * ``act_mul``: SiLU or GELU-tanh of the gate times up.
-* ``lora_shrink`` / ``lora_expand``: the LoRA delta of every token's adapter in one launch each (tokens sorted
-  by adapter, segments of one adapter as tiles: the Punica/S-LoRA approach).
+* ``lora_shrink`` / ``lora_expand``: the LoRA delta of every token's adapter: one dense matmul through every
+  resident adapter's (small) A, then one launch adding each token's own adapter's B (tokens sorted by adapter,
+  segments of one adapter as tiles: the Punica/S-LoRA approach).
 * ``matmul``: a matrix product whose tiling does not depend on the number of rows (batch-invariant results).
 """
 
@@ -177,27 +178,7 @@ if triton is not None:
         tl.store(out + row * N + c, (act.to(u.dtype).to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=m)
 
     @triton.jit
-    def _lora_shrink_kernel(x, a_pool, s_out, perm, seg_start, K: tl.constexpr, R: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-        ad = tl.program_id(0)
-        lo = tl.load(seg_start + ad)
-        hi = tl.load(seg_start + ad + 1)
-        i0 = lo + tl.program_id(1) * BLOCK_T
-        if i0 < hi:
-            i = i0 + tl.arange(0, BLOCK_T)
-            valid = i < hi
-            tok = tl.load(perm + i, mask=valid, other=0)
-            r = tl.arange(0, R)
-            acc = tl.zeros([BLOCK_T, R], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                xk = tl.load(x + tok[:, None] * K + kk[None, :], mask=valid[:, None] & (kk[None, :] < K), other=0.0)
-                ak = tl.load(a_pool + ad * R * K + r[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
-                acc += tl.dot(xk, tl.trans(ak))
-            tl.store(s_out + tok[:, None] * R + r[None, :], acc.to(s_out.dtype.element_ty), mask=valid[:, None])
-
-    @triton.jit
-    def _lora_expand_kernel(s_in, b_pool, y, perm, seg_start, N: tl.constexpr, R: tl.constexpr,
+    def _lora_expand_kernel(s_in, b_pool, y, perm, seg_start, N: tl.constexpr, R: tl.constexpr, SR: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
         ad = tl.program_id(0)
         lo = tl.load(seg_start + ad)
@@ -209,9 +190,9 @@ if triton is not None:
             tok = tl.load(perm + i, mask=valid, other=0)
             r = tl.arange(0, R)
             n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-            sv = tl.load(s_in + tok[:, None] * R + r[None, :], mask=valid[:, None], other=0.0)
+            sv = tl.load(s_in + tok[:, None] * SR + ad * R + r[None, :], mask=valid[:, None], other=0.0)
             bv = tl.load(b_pool + ad * N * R + n[:, None] * R + r[None, :], mask=n[:, None] < N, other=0.0)
-            delta = tl.dot(sv, tl.trans(bv))
+            delta = tl.dot(sv.to(bv.dtype), tl.trans(bv))
             ok = valid[:, None] & (n[None, :] < N)
             dst = y + tok[:, None] * N + n[None, :]
             yv = tl.load(dst, mask=ok, other=0.0)
@@ -292,27 +273,23 @@ def act_mul(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     return out
 
 
-def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, perm: torch.Tensor, seg_start: torch.Tensor,
-                out: torch.Tensor) -> torch.Tensor:
-    """``out[t] = x[t] @ a_pool[adapter of t].T`` for the tokens listed in ``perm``, grouped by adapter slot
-    (slot a's tokens are ``perm[seg_start[a]:seg_start[a + 1]]``); ``a_pool`` [slots, R, K]."""
-    t, k = x.shape
-    slots, r = a_pool.shape[0], a_pool.shape[1]
-    block_t = 16
-    _lora_shrink_kernel[(slots, triton.cdiv(t, block_t))](x, a_pool, out, perm, seg_start, K=k, R=r,
-                                                           BLOCK_T=block_t, BLOCK_K=64)
-    return out
+def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor) -> torch.Tensor:
+    """Every token's input through every resident adapter's A at once: ``x`` [T, K] @ ``a_pool`` [slots, R, K]
+    -> [T, slots * R], one dense matmul (the A matrices are small: slots * R rows), whose column block of the
+    token's own adapter ``lora_expand`` reads."""
+    return x @ a_pool.view(-1, a_pool.shape[-1]).T
 
 
 def lora_expand(s: torch.Tensor, b_pool: torch.Tensor, perm: torch.Tensor, seg_start: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
-    """``y[t] += s[t] @ b_pool[adapter of t].T`` in place for the tokens in ``perm`` (see ``lora_shrink``);
-    ``b_pool`` [slots, N, R]."""
+    """``y[t] += s[t, own adapter's R columns] @ b_pool[adapter of t].T`` in place, adapter by adapter: slot a's
+    tokens are ``perm[seg_start[a]:seg_start[a + 1]]``, tiles of them one program each (the Punica/S-LoRA segment
+    approach); ``b_pool`` [slots, N, R], ``s`` from ``lora_shrink``. Tokens without an adapter are not listed."""
     t, n = y.shape
     slots, r = b_pool.shape[0], b_pool.shape[2]
     block_t, block_n = 16, 64
     _lora_expand_kernel[(slots, triton.cdiv(t, block_t), triton.cdiv(n, block_n))](
-        s, b_pool, y, perm, seg_start, N=n, R=r, BLOCK_T=block_t, BLOCK_N=block_n)
+        s, b_pool, y, perm, seg_start, N=n, R=r, SR=slots * r, BLOCK_T=block_t, BLOCK_N=block_n)
     return y
 
 
