@@ -16,11 +16,27 @@ WORDS = ("constitution article parliament federal province citizen right duty co
          "village city district office member house national council power vote party people nation").split()
 
 
+TOKENIZER = None  # the served model's tokenizer (``use_tokenizer``): prompts are cut to exact token counts
+
+
+def use_tokenizer(model_dir: str) -> None:
+    global TOKENIZER
+    from transformers import AutoTokenizer
+
+    TOKENIZER = AutoTokenizer.from_pretrained(model_dir)
+
+
 def prompts(n: int, tokens: int, seed: int = 0, prefix: str = "") -> list[str]:
-    """``n`` distinct prompts of about ``tokens`` tokens (random words; no two share a prefix beyond ``prefix``)."""
+    """``n`` distinct prompts of ``tokens`` tokens of the served tokenizer (about that many without one): random
+    words, no two sharing a prefix beyond ``prefix``."""
     rng = random.Random(seed)
-    return [prefix + f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(int(tokens * 0.8)))
-            for i in range(n)]
+    out = []
+    for i in range(n):
+        text = f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(tokens))
+        if TOKENIZER is not None:
+            text = TOKENIZER.decode(TOKENIZER(text, add_special_tokens=False)["input_ids"][:tokens])
+        out.append(prefix + text)
+    return out
 
 
 def pct(xs: list[float], q: float) -> float | None:

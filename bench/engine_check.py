@@ -87,7 +87,13 @@ def closed_loop(engine, prompts: list[list[int]], new: int, rounds: int = 2) -> 
 
 
 def make_engine(model, tok, **kw):
+    import torch
+
     from serve.engine import Engine
+
+    gc.collect()  # the last engine's cache and graphs (held in reference cycles) go before this one sizes itself
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
     eng = Engine(model, tok, max_seqs=kw.pop("max_seqs", 256), max_len=kw.pop("max_len", 2560), **kw)
     eng.eos = set()

@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     import ray
-    from clients import level
+    from clients import level, use_tokenizer
     from ray import serve
     from serve_user_path import _commit, device_name, stats
 
@@ -80,6 +80,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     paths = write_adapters(a.model, Path(os.environ.get("ADAPTER_DIR", "/tmp/bench-adapters")), a.adapters, a.rank)
+    use_tokenizer(a.model)
     res = {"device": device_name(), "adapters": a.adapters, "rank": a.rank, "config": a.config,
            "overrides": a.overrides, "commit": os.environ.get("BENCH_COMMIT") or _commit(),
            "adapters_written_s": round(time.perf_counter() - t0, 1), "results": [], "merged_tokens_per_s": {}}

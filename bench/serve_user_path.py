@@ -66,11 +66,12 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     import ray
-    from clients import level
+    from clients import level, use_tokenizer
     from ray import serve
 
     from orchestrator.deployment.launcher import run_serve
 
+    use_tokenizer(a.model)
     res = {"device": device_name(), "config": a.config, "overrides": a.overrides, "model": a.model,
            "commit": os.environ.get("BENCH_COMMIT") or _commit(), "prompt_tokens": a.prompt_tokens,
            "max_tokens": a.max_tokens, "per_client": a.per_client, "results": [], "peer": {}}
