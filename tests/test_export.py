@@ -149,3 +149,90 @@ def test_unsupported_inputs_fail_before_any_work(run_dir, tmp_path):
                           f"output_dir={run_dir.parent}"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert "GGUF export is for causal language models" in out.stderr
+
+
+FAMILY_QUESTIONS = ["What does Article 16 provide?", "Who elects the President?", "What is citizenship?",
+                    "Which article deals with the judiciary?", "What are fundamental rights?",
+                    "How is the parliament formed?", "What does the preamble say?", "Who appoints the Chief Justice?",
+                    "What are the duties of citizens?", "How are provinces governed?",
+                    "What is the official language?", "What rights do women have?"]
+
+
+def family_config(kind: str, vocab: int, tok):
+    """Six layers, grouped-query attention, the shipped byte-level BPE tokenizer; Llama 3's rope scaling, Qwen 3's
+    q/k norms and wide heads, Gemma 3's norms, tied head and interleaved sliding-window layers."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=256, max_position_embeddings=1024,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if kind == "llama3":
+        return tf.LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=False, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
+    if kind == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=64, tie_word_embeddings=False)
+    return tf.Gemma3TextConfig(**common, head_dim=32, sliding_window=16, query_pre_attn_scalar=32)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "gemma3"])
+def test_each_family_exports_and_llama_cpp_agrees(family, tmp_path, constitution_pages):
+    """A tiny model of each family, pre-trained 200 steps on the constitution (random weights make every greedy
+    choice a near-tie), with a LoRA adapter: its q8_0 file loads in llama.cpp under the family's own architecture
+    and llama.cpp's greedy tokens agree with the merged model on >= 90% of positions."""
+    import gguf
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator.artifacts.export import export_gguf
+    from orchestrator.core.config import load_config
+    from orchestrator.data.base import pretrain
+
+    tok = AutoTokenizer.from_pretrained(BASE)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(family, len(tok), tok))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    pretrain(model, tok, ["\n".join(lines) for _, lines in constitution_pages[:60]], 200, seq_len=128, batch_size=8)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.005)
+    peft.save_pretrained(tmp_path / "run" / "adapter")
+    tok.save_pretrained(tmp_path / "run" / "adapter")
+    cfg = load_config(CONFIG, [f"model.name_or_path={tmp_path / 'base'}", "model.build_tiny=false",
+                               f"output_dir={tmp_path}"])
+    rows = [{"question": q, "answer": ""} for q in FAMILY_QUESTIONS]
+    r = export_gguf(cfg, tmp_path / "run" / "adapter", "q8_0", check=12, rows=rows)
+    assert r["architecture"] == {"llama3": "llama"}.get(family, family)
+    assert r["llama_cpp"]["greedy_agreement"] >= 0.9, r["llama_cpp"]
+    meta = gguf.GGUFReader(r["path"])
+    names = {t.name for t in meta.tensors}
+    if family == "llama3":
+        assert "rope_freqs.weight" in names  # Llama 3's rope scaling, as llama.cpp reads it
+    if family in ("qwen3", "gemma3"):
+        assert "blk.0.attn_q_norm.weight" in names and "blk.0.attn_k_norm.weight" in names
+    if family == "gemma3":
+        assert meta.fields["gemma3.attention.sliding_window"].contents() == 16 and "output.weight" not in names
+
+
+def test_export_refuses_what_llama_cpp_cannot_run(tmp_path):
+    """A sliding window llama.cpp's Llama layout cannot apply, and a rope scaling this exporter does not write:
+    one line each, before any work."""
+    import transformers as tf
+
+    from orchestrator.artifacts.export import unsupported_by_llama_cpp
+
+    mistral = tf.MistralConfig(sliding_window=64, max_position_embeddings=1024)
+    assert "sliding window of 64 positions" in unsupported_by_llama_cpp(mistral, "llama")
+    assert unsupported_by_llama_cpp(tf.MistralConfig(sliding_window=None), "llama") is None
+    dynamic = tf.LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert "rope scaling 'dynamic'" in unsupported_by_llama_cpp(dynamic, "llama")
+    assert unsupported_by_llama_cpp(tf.Qwen3Config(), "qwen3") is None

@@ -27,9 +27,14 @@ from orchestrator.core.io import atomic_path, atomic_write_text
 
 Quant = Literal["f16", "q8_0", "q4_k_m"]
 QUANTS: tuple[Quant, ...] = ("f16", "q8_0", "q4_k_m")
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+# transformers architecture -> llama.cpp architecture (the gguf package's tables name every tensor)
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3"}
+PERMUTED = {"llama"}  # llama.cpp rotates interleaved pairs there (transformers rotates halves): q/k rows permuted
+NORM_SHIFT = {"gemma3": 1.0}  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w
 # llama.cpp's pre-tokenizer names for the byte-level BPE splits it knows.
 LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT = LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")  # Qwen 2 / 3: digits one at a time
 EXTRA = "pip install '.[export]'"
 
 
@@ -61,8 +66,9 @@ def pre_tokenizer(tok: dict, where: Path) -> str:
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
     splits = [p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
-    if len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
-        return "llama-bpe"
+    regex = splits[0].get("pattern", {}).get("Regex") if len(splits) == 1 else None
+    if regex in (LLAMA3_SPLIT, QWEN2_SPLIT):
+        return "llama-bpe" if regex == LLAMA3_SPLIT else "qwen2"
     raise ConfigError(f"export: {where}: a byte-level BPE tokenizer with a pre-tokenizer llama.cpp is not told "
                       f"apart here ({json.dumps(pre)[:120]})")
 
@@ -83,10 +89,31 @@ def preflight(cfg: RunConfig, adapter: Path, quant: str) -> tuple[Any, Path, str
     if arch not in ARCHITECTURES:
         raise ConfigError(f"export: {cfg.model.name_or_path}: architecture {arch} is not supported "
                           f"(supported: {', '.join(ARCHITECTURES)})")
-    if getattr(base, "rope_scaling", None) and base.rope_scaling.get("rope_type", "default") != "default":
-        raise ConfigError(f"export: {cfg.model.name_or_path}: rope scaling {base.rope_scaling} is not supported")
+    if why := unsupported_by_llama_cpp(base, ARCHITECTURES[arch]):
+        raise ConfigError(f"export: {cfg.model.name_or_path}: {why}")
     tok_file = tokenizer_file(adapter, cfg.model.name_or_path)
     return base, tok_file, pre_tokenizer(json.loads(tok_file.read_text()), tok_file)
+
+
+def rope_type(config) -> str:
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    return scaling.get("rope_type", scaling.get("type", "default")) or "default"
+
+
+def unsupported_by_llama_cpp(config, arch: str) -> str | None:
+    """What llama.cpp's ``arch`` cannot run of this config (one line), or None."""
+    kind = rope_type(config)
+    if kind not in ("default", "llama3", "linear"):
+        return f"rope scaling {kind!r}: this exporter writes default, linear and Llama 3 rope scaling"
+    window = getattr(config, "sliding_window", None)
+    if arch in ("llama", "qwen2", "qwen3") and window and (arch == "llama" or getattr(config, "use_sliding_window",
+                                                                                      False)):
+        if window < config.max_position_embeddings:
+            return (f"a sliding window of {window} positions: llama.cpp's {arch} architecture attends over the "
+                    "whole context")
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping: llama.cpp's gemma3 architecture has none"
+    return None
 
 
 # ---------------------------------------------------------------- tensors
@@ -96,35 +123,43 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model, config) -> list[tuple[str, np.ndarray]]:
-    """(llama.cpp name, float32 array) for every tensor of a merged Llama."""
+def gguf_tensors(model, config, arch: str = "llama") -> list[tuple[str, np.ndarray]]:
+    """(llama.cpp name, float32 array) for every tensor of a merged model of llama.cpp architecture ``arch``,
+    named by the gguf package's tensor map; plus Llama 3's rope frequency factors."""
+    import gguf
+
     heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     out = []
     for name, t in model.state_dict().items():
+        if "rotary_emb" in name or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ConfigError(f"export: tensor {name} has no llama.cpp name in its {arch} architecture")
         w = t.detach().float().cpu().numpy()
-        if name == "model.embed_tokens.weight":
-            out.append(("token_embd.weight", w))
-        elif name == "model.norm.weight":
-            out.append(("output_norm.weight", w))
-        elif name == "lm_head.weight":
-            if not config.tie_word_embeddings:
-                out.append(("output.weight", w))
-        elif name.startswith("model.layers.") and name.endswith(".weight"):
-            i, rest = name[len("model.layers."):].split(".", 1)
-            key = rest.rsplit(".", 1)[0]
-            if key not in names:
-                raise ConfigError(f"export: unexpected tensor {name} for a Llama model")
-            if key == "self_attn.q_proj":
-                w = _permute(w, heads)
-            elif key == "self_attn.k_proj":
-                w = _permute(w, kv)
-            out.append((f"blk.{i}.{names[key]}.weight", w))
-        elif "rotary_emb" not in name:
-            raise ConfigError(f"export: unexpected tensor {name} for a Llama model")
+        if arch in PERMUTED and ".self_attn.q_proj." in name:
+            w = _permute(w, heads)
+        elif arch in PERMUTED and ".self_attn.k_proj." in name:
+            w = _permute(w, kv)
+        if name.endswith("norm.weight"):
+            w = w + NORM_SHIFT.get(arch, 0.0)
+        out.append((new, w))
+    if rope_type(config) == "llama3":
+        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config)))
     return out
+
+
+def llama3_rope_factors(config) -> np.ndarray:
+    """Per frequency, how much Llama 3's rope scaling divides it: the default frequencies over the scaled ones,
+    both as transformers computes them (llama.cpp multiplies each rotation's wavelength by these)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base = (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or config.rope_theta
+    default = 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    return (default / scaled.double().numpy()).astype(np.float32)
 
 
 def _more_bits(layer: int, layers: int) -> bool:
@@ -194,6 +229,64 @@ def write_gguf(path: Path, model, config, tokenizer, tok_file: Path, pre: str, q
     """Write the GGUF file at ``path`` (atomically) and return what went into it."""
     import gguf
 
+    arch = ARCHITECTURES[(config.architectures or ["LlamaForCausalLM"])[0]]
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(name)
+        write_hyperparameters(w, config, arch, quant)
+        n_vocab = write_vocabulary(w, config, tokenizer, tok_file, pre)
+        counts: dict[str, int] = {}
+        for tname, arr in gguf_tensors(model, config, arch):
+            qtype = tensor_type(tname, arr.shape, quant, config.num_hidden_layers)
+            w.add_tensor(tname, encode_tensor(arr, qtype), raw_dtype=qtype)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return {"architecture": arch, "tensor_types": counts, "vocab": n_vocab, "pre_tokenizer": pre}
+
+
+def write_hyperparameters(w, config, arch: str, quant: str) -> None:
+    """The shapes and settings llama.cpp reads for ``arch`` (keys prefixed by the architecture's name)."""
+    import gguf
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    local = rope.get("sliding_attention") or {}
+    rope = rope.get("full_attention", rope)  # per layer type (Gemma 3): the global layers' parameters
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(config.num_key_value_heads or heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(float(rope.get("rope_theta") or getattr(config, "rope_theta", 10000.0)))
+    w.add_rope_dimension_count(head_dim)
+    if head_dim * heads != config.hidden_size:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if rope_type(config) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope.get("factor") or config.rope_scaling["factor"]))
+    if arch == "gemma3":
+        w.add_sliding_window(config.sliding_window)
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
+        if base := local.get("rope_theta") or getattr(config, "rope_local_base_freq", None):
+            w.add_rope_freq_base_swa(float(base))
+        if getattr(config, "final_logit_softcapping", None):
+            w.add_final_logit_softcapping(config.final_logit_softcapping)
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                     "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[quant])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def write_vocabulary(w, config, tokenizer, tok_file: Path, pre: str) -> int:
+    """The byte-level BPE vocabulary, merges, special ids and chat template; returns the vocabulary size."""
+    import gguf
+
     tok = json.loads(tok_file.read_text())
     vocab = {**tok["model"]["vocab"], **{a["content"]: a["id"] for a in tok.get("added_tokens", [])}}
     n_vocab = max(config.vocab_size, max(vocab.values()) + 1)
@@ -203,50 +296,21 @@ def write_gguf(path: Path, model, config, tokenizer, tok_file: Path, pre: str, q
         tokens[i], types[i] = t, gguf.TokenType.NORMAL
     for a in tok.get("added_tokens", []):
         types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
-
-    layers = config.num_hidden_layers
-    ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-             "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[quant]
-    with atomic_path(path) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "llama")
-        w.add_name(name)
-        w.add_context_length(config.max_position_embeddings)
-        w.add_embedding_length(config.hidden_size)
-        w.add_block_count(layers)
-        w.add_feed_forward_length(config.intermediate_size)
-        w.add_head_count(config.num_attention_heads)
-        w.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
-        w.add_layer_norm_rms_eps(config.rms_norm_eps)
-        w.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
-        w.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-        w.add_vocab_size(n_vocab)
-        w.add_file_type(ftype)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        for kind in ("bos", "eos", "pad", "unk"):
-            tid = getattr(tokenizer, f"{kind}_token_id")
-            if tid is not None:
-                getattr(w, f"add_{kind}_token_id")(tid)
-        probe = tokenizer("a")["input_ids"]
-        w.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
-        if tokenizer.chat_template:
-            w.add_chat_template(tokenizer.chat_template)
-        counts: dict[str, int] = {}
-        for tname, arr in gguf_tensors(model, config):
-            qtype = tensor_type(tname, arr.shape, quant, layers)
-            data = encode_tensor(arr, qtype)
-            w.add_tensor(tname, data, raw_dtype=qtype)
-            counts[qtype.name] = counts.get(qtype.name, 0) + 1
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-    return {"tensor_types": counts, "vocab": n_vocab, "pre_tokenizer": pre}
+    w.add_vocab_size(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])])
+    for kind in ("bos", "eos", "pad", "unk"):
+        tid = getattr(tokenizer, f"{kind}_token_id")
+        if tid is not None:
+            getattr(w, f"add_{kind}_token_id")(tid)
+    probe = tokenizer("a")["input_ids"]
+    w.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)
+    return n_vocab
 
 
 # ---------------------------------------------------------------- the check by llama.cpp
