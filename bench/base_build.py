@@ -28,12 +28,12 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orchestrator.artifacts.evaluate import generate_answers
     from orchestrator.core.config import load_config
     from orchestrator.data.base import base_corpus, document_articles, ensure_base_model
     from orchestrator.data.pipelines import qa_pairs
     from orchestrator.data.splits import split_for
     from orchestrator.reports.scores import exact_match, rouge_l, token_f1
+    from orchestrator.training.scoring import generate_answers
 
     cfg = load_config(args.config, [f"model.name_or_path={args.out}", f"model.tiny_pretrain_steps={args.steps}"])
     t0 = time.perf_counter()

@@ -3,10 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 from collections.abc import Callable
 
 from orchestrator.core.config import ConfigError
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``error: ...``, exit 2), like every other refused input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog.removeprefix('orchestrator ')}: {message}\n")
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
+        return value
+
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
+    return value
 
 
 def _config(p: argparse.ArgumentParser) -> None:
@@ -35,6 +70,15 @@ def _train_args(p):
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
 
+def _plan_args(p):
+    _config(p)
+    p.add_argument("--deadline", type=positive, metavar="HOURS", help="name the fewest workers that finish within this")
+    p.add_argument("--tokens-per-s", type=positive, metavar="N", help="a stated throughput of one worker (tokens/s on its "
+                   "GPU) instead of a measured probe (when none is attached)")
+    p.add_argument("--gpu", help="with --tokens-per-s: the GPU it is for (its price), e.g. H100")
+    p.add_argument("--probe-steps", type=count(2), default=6, help="optimizer steps the probe times (default 6)")
+
+
 def _tune_args(p):
     _config(p)
     p.add_argument("--resume", action="store_true", help="continue the study in the config's run dir")
@@ -45,7 +89,7 @@ def _merge_args(p):
     p.add_argument("--out", help="output directory (default: next to the adapter, merged/)")
     p.add_argument("--method", choices=["16bit", "dequantized"], default="16bit")
     p.add_argument("--no-compare", action="store_true", help="measure only the chosen method's fidelity")
-    p.add_argument("--examples", type=int, default=32, help="held-out examples for the fidelity check")
+    p.add_argument("--examples", type=count(1), default=32, help="held-out examples for the fidelity check")
 
 
 def _serve_args(p):
@@ -55,7 +99,7 @@ def _serve_args(p):
                    "adapter dir is merged first onto the base its adapter_config.json records")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve this LoRA adapter on the config's base, chosen by the request's model (repeatable)")
-    p.add_argument("--top", type=int, default=0, metavar="K",
+    p.add_argument("--top", type=count(0), default=0, metavar="K",
                    help="serve the adapters of the config's Tune study's K best trials on its base")
 
 
@@ -66,7 +110,7 @@ def _pipeline_args(p):
 
 def _eval_args(p):
     _adapter(p, "adapter directory (a run's adapter/ or a checkpoint's)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N test examples")
+    p.add_argument("--limit", type=count(1), help="evaluate only the first N test examples")
 
 
 def _export_args(p):
@@ -74,7 +118,7 @@ def _export_args(p):
     p.add_argument("--format", default="gguf", choices=["gguf"])
     p.add_argument("--quant", default="q8_0", choices=["f16", "q8_0", "q4_k_m"])
     p.add_argument("--out", help="output file (default: next to the adapter, gguf/NAME-QUANT.gguf)")
-    p.add_argument("--check", type=int, default=8, help="held-out prompts llama.cpp answers to check the file "
+    p.add_argument("--check", type=count(0), default=8, help="held-out prompts llama.cpp answers to check the file "
                    "against the merged model (0: no check)")
 
 
@@ -114,6 +158,12 @@ def _train(a):
     from orchestrator.training.train import run_train
 
     run_train(a.config, a.overrides, a.resume)
+
+
+def _plan(a):
+    from orchestrator.training.plan import run_plan
+
+    run_plan(a.config, a.overrides, a.deadline, a.tokens_per_s, a.probe_steps, a.gpu)
 
 
 def _tune(a):
@@ -192,6 +242,7 @@ Verb = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argp
 VERBS: list[Verb] = [
     ("prepare", "run the data pipeline of a config and print counts", _prepare_args, _prepare),
     ("train", "QLoRA fine-tune on Ray Train; writes adapter, metrics and report", _train_args, _train),
+    ("plan", "estimate a run's steps, time and cost from its data and a short probe", _plan_args, _plan),
     ("tune", "Ray Tune study over full training runs (ASHA, random/grid or Optuna)", _tune_args, _tune),
     ("merge", "merge an adapter into its base (16-bit or dequantized) and measure fidelity", _merge_args, _merge),
     ("serve", "deploy merged models on Ray Serve (OpenAI-compatible + entities API)", _serve_args, _serve),
@@ -208,9 +259,9 @@ VERBS: list[Verb] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    parser = Parser(prog="orchestrator", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, help, add_args, run in VERBS:
         p = sub.add_parser(name, help=help)
         add_args(p)
@@ -223,12 +274,41 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.core.runtime import setup_logging
 
     setup_logging(args.verbose)
+    if args.command in ("train", "tune", "pipeline", "demo", "prepare", "plan"):
+        # SIGTERM (Kubernetes, systemd, `kill`) stops like Ctrl-C: Ray Train and Tune end their runs cleanly, and
+        # the last checkpoint is where --resume continues
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         args.run(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = continue_command(args)
+        print("stopped" + (f"; continue with `{again}`" if again else ""), file=sys.stderr)
+        return 130
     return 0
+
+
+def continue_command(args: argparse.Namespace) -> str | None:
+    """The command that continues an interrupted train or tune from its last checkpoint."""
+    import shlex
+
+    if args.command not in ("train", "tune"):
+        return None
+    sets = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
+    if args.command == "tune":
+        return f"orchestrator tune {shlex.quote(args.config)}{sets} --resume"
+    run_dir = args.resume
+    if not run_dir:
+        from orchestrator.core.config import load_config
+
+        run_dir = str(load_config(args.config, args.overrides).run_dir)
+    return f"orchestrator train {shlex.quote(args.config)}{sets} --resume {shlex.quote(run_dir)}"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Bad inputs end in one line naming the file, line or field, before any work starts, with nothing written: run
-configs and `--set` values (16 cases), config files (6), data files (PDFs empty, corrupt, encrypted or without
-text; missing files and directories; text readers fed PDFs, binary or mislabelled gzip), binary configs,
-missing base models per verb, adapter directories. The HTTP cases are in test_serve.py (bad requests table)."""
+"""Bad inputs end in one line naming the file, line or field, before any work starts (before Ray where nothing
+needs it), with nothing written: run configs and `--set` values (empty paths, inf and nan, values that are not
+YAML, search spaces whose values do not fit their fields), config files (duplicate keys too), command-line counts,
+data files (PDFs empty, corrupt, encrypted or without text; QA and NER files with bad lines; missing files and
+directories; text readers fed PDFs, binary or mislabelled gzip), binary configs, missing base models per verb,
+adapter directories and damaged adapter weights, resume and study folders, a model build aimed at a folder that
+holds other things, workers the local Ray instance cannot hold. The HTTP cases are in test_serve.py."""
 
 from __future__ import annotations
 
@@ -160,6 +163,34 @@ CONFIG_CASES = [
      "train.cuda_graph replays Unsloth's model: it needs train.backend unsloth or auto, not hf"),
     (["--set", "train.cuda_graph=true", "--set", "scaling.use_gpu=true", "--set", "lora.dropout=0.1"],
      "train.cuda_graph needs lora.dropout 0"),
+    # second round: empty paths and names, numbers that are not finite, values that are not YAML, search spaces
+    (["--set", "model.name_or_path="], "run.yaml: model.name_or_path: String should have at least 1 character"),
+    (["--set", "output_dir="], "run.yaml: output_dir: String should have at least 1 character"),
+    (["--set", 'data.train=[""]'], "run.yaml: data.train.0: String should have at least 1 character"),
+    (["--set", "data.train=[]"], "run.yaml: data.train: List should have at least 1 item"),
+    (["--set", "data.qa.cache_dir="], "run.yaml: data.qa.cache_dir: String should have at least 1 character"),
+    (["--set", "serve.adapters={a: ''}"], "run.yaml: serve.adapters.a: String should have at least 1 character"),
+    (["--set", "name="], "run.yaml: name: String should match pattern"),
+    (["--set", "train.epochs=inf"], "run.yaml: train.epochs: Input should be a finite number"),
+    (["--set", "train.lr=nan"], "run.yaml: train.lr: Input should be a finite number"),
+    (["--set", "scaling.cpus_per_worker=.inf"], "run.yaml: scaling.cpus_per_worker: Input should be a finite number"),
+    (["--set", "data.split_fractions=[0.8, 0.1, .nan]"], "run.yaml: data.split_fractions.2: Input should be a finite"),
+    (["--set", "serve.stream_interval_ms=-1"], "run.yaml: serve.stream_interval_ms: Input should be greater than or"),
+    (["--set", "serve.gpu_memory_utilization=1.5"], "serve.gpu_memory_utilization: Input should be less than or equal"),
+    (["--set", "serve.prefill_chunk=0"], "run.yaml: serve.prefill_chunk: Input should be greater than or equal to 1"),
+    (["--set", "data.train=[unclosed"], "--set 'data.train=[unclosed': not a valid YAML value"),
+    (["--set", "train={lr: 1, lr: 2}"], "--set 'train={lr: 1, lr: 2}': not a valid YAML value (key 'lr' appears twice"),
+    (["--set", "tune.search_space={lora.r: {type: choice, values: [four]}}"],
+     "tune.search_space.lora.r: 'four' does not fit lora.r (Input should be a valid integer"),
+    (["--set", "tune.search_space={train.micro_batch_size: {type: uniform, low: 1, high: 8}}"],
+     "tune.search_space.train.micro_batch_size: uniform draws fractions"),
+    (["--set", "tune.search_space={lora.dropout: {type: uniform, low: 0.0, high: 2.0}}"],
+     "tune.search_space.lora.dropout: 2.0 does not fit lora.dropout (Input should be less than 1)"),
+    (["--set", "tune.search_space={train.lr: {type: grid, values: [0.1, .nan]}}"],
+     "tune.search_space.train.lr: nan does not fit train.lr"),
+    (["--set", "tune.search_space={lora.r: {type: randint, low: 0, high: 8}}"],
+     "tune.search_space.lora.r: 0.0 does not fit lora.r (Input should be greater than or equal to 1)"),
+    (["--set", "tune.search_space={train.nope: {type: choice, values: [1]}}"], "tune.search_space.train.nope: no such"),
 ]
 
 
@@ -177,6 +208,9 @@ def test_bad_config_values_are_one_line(tmp_path, capsys, argv, message):
     ("", "run.yaml: a run config must be a YAML mapping at the top level"),
     ("name: x\nmodel: [unclosed\n", "run.yaml:3:1: not valid YAML"),
     ("name: x\nbogus_field: 1\n", "bogus_field: unknown field"),
+    ("name: a\nname: b\n", "run.yaml:2:1: not valid YAML (key 'name' appears twice (first at line 1))"),
+    ("name: x\ntrain:\n  lr: 0.1\n  epochs: 1\n  lr: 0.2\n",
+     "run.yaml:5:3: not valid YAML (key 'lr' appears twice (first at line 3))"),
 ])
 def test_bad_config_files_are_one_line(tmp_path, capsys, text, message):
     path = tmp_path / ("missing.yaml" if text is None else "run.yaml")
@@ -221,3 +255,128 @@ def test_bad_adapter_directories_are_one_line(tmp_path, capsys, verb, make, mess
     assert message in _cli(capsys, verb, str(ROOT / "configs" / "constitution-qa-tiny.yaml"), "--adapter",
                            str(make(tmp_path)), "--set", f"output_dir={tmp_path / 'runs'}")
 
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "{cfg}", "--adapter", "x", "--limit", "0"], "eval: argument --limit: '0' is not a whole number >= 1"),
+    (["eval", "{cfg}", "--adapter", "x", "--limit", "two"], "eval: argument --limit: 'two' is not a whole number"),
+    (["merge", "{cfg}", "--adapter", "x", "--examples", "-3"], "argument --examples: '-3' is not a whole number >= 1"),
+    (["export", "{cfg}", "--adapter", "x", "--check", "-1"], "argument --check: '-1' is not a whole number >= 0"),
+    (["export", "{cfg}", "--adapter", "x", "--quant", "q3"], "argument --quant: invalid choice: 'q3'"),
+    (["serve", "{cfg}", "--top", "-1"], "argument --top: '-1' is not a whole number >= 0"),
+    (["train"], "train: the following arguments are required: config"),
+    (["bogus"], "argument command: invalid choice: 'bogus'"),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, capsys, argv, message):
+    argv = [a.format(cfg=ROOT / "configs/constitution-qa-tiny.yaml") for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def _qa(d, text: str):
+    return _write(d / "qa.jsonl", text.encode())
+
+
+def _conll(d, text: str):
+    return _write(d / "train.conll", text.encode())
+
+
+@pytest.mark.parametrize("config,make,message", [
+    ("constitution-qa-tiny", lambda d: _qa(d, '{"question": "q"}\n'), "qa.jsonl:1: field 'answer' must be a non-empty"),
+    ("constitution-qa-tiny", lambda d: _qa(d, ""), "qa.jsonl: no QA pairs found"),
+    ("constitution-qa-tiny", lambda d: _qa(d, '{"question": "q", "answer": "a"}\nnot json\n'),
+     "qa.jsonl:2: not valid JSON"),
+    ("constitution-qa-tiny", lambda d: _qa(d, '[1, 2]\n'), "qa.jsonl:1: field 'question' must be a non-empty"),
+    ("medical-ner-tiny", lambda d: _conll(d, "Aspirin\tB-Chemical\tx\n"), "train.conll:1:"),
+    ("medical-ner-tiny", lambda d: _conll(d, "Aspirin\n"), "train.conll:1:"),
+    ("medical-ner-tiny", lambda d: _conll(d, "Aspirin\tB-Chemical\n\nfever\tQ-Disease\n"), "train.conll:3:"),
+    ("medical-ner-tiny", lambda d: _conll(d, "\n\n"), "train.conll:2: empty sentence"),
+])
+def test_bad_data_lines_stop_before_ray(tmp_path, capsys, monkeypatch, config, make, message):
+    """QA lines without an answer, an empty QA file, CoNLL lines with three columns or no tag: one line naming the
+    file and line, before Ray starts, nothing written."""
+    import orchestrator.core.runtime
+
+    monkeypatch.setattr(orchestrator.core.runtime, "init_ray", _no_ray)
+    data = tmp_path / "data"
+    data.mkdir()
+    target = make(data)
+    fmt = "qa_jsonl" if config.startswith("constitution") else "conll"
+    out = tmp_path / "runs"
+    sets = ["--set", f"data.format={fmt}", "--set", f"data.train=[{target}]", "--set", "data.validation=[]",
+            "--set", "data.test=[]", "--set", f"output_dir={out}"]
+    if fmt == "qa_jsonl":
+        sets += ["--set", "model.build_tiny=false", "--set", f"model.name_or_path={ROOT / 'models/constitution-tiny-llama'}"]
+    err = _cli(capsys, "train", str(ROOT / "configs" / f"{config}.yaml"), *sets)
+    assert message in err, err
+    assert not out.exists()
+
+
+def _no_ray(*a, **k):
+    raise AssertionError("Ray started before the inputs were checked")
+
+
+def test_resume_and_study_folders_are_checked_before_ray(tmp_path, capsys, monkeypatch):
+    """`train --resume` of a folder that holds no run (which is not created), `tune` with an empty search space or
+    `--resume` of no study: one line each before Ray starts, nothing written."""
+    import orchestrator.core.runtime
+
+    monkeypatch.setattr(orchestrator.core.runtime, "init_ray", _no_ray)
+    cfg = str(ROOT / "configs/constitution-qa-tiny.yaml")
+    missing = tmp_path / "runs" / "never"
+    assert f"--resume: {missing} holds no run to resume" in _cli(capsys, "train", cfg, "--resume", str(missing))
+    assert "tune.search_space is empty" in _cli(capsys, "tune", cfg, "--set", "tune.search_space={}",
+                                                "--set", f"output_dir={tmp_path / 'runs'}")
+    assert "holds no study to resume" in _cli(capsys, "tune", cfg, "--resume", "--set", f"output_dir={tmp_path / 'runs'}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_model_is_never_built_into_a_folder_holding_other_things(tmp_path, capsys, monkeypatch):
+    """`model.name_or_path=` (the working directory) or any folder with other files: refused in one line, before
+    any pre-training; an empty folder or a new path is fine."""
+    import orchestrator.core.runtime
+
+    monkeypatch.setattr(orchestrator.core.runtime, "init_ray", _no_ray)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    cfg = str(ROOT / "configs/constitution-qa-tiny.yaml")
+    err = _cli(capsys, "train", cfg, "--set", f"model.name_or_path={busy}", "--set", f"output_dir={tmp_path / 'r'}")
+    assert f"model.name_or_path: {busy} holds files and no model" in err
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    assert "model.name_or_path: String should have at least 1 character" in _cli(
+        capsys, "init-model", cfg, "--set", "model.name_or_path=")
+    err = _cli(capsys, "init-model", cfg, "--set", f"model.name_or_path={ROOT}", "--force")
+    assert "holds files and no model" in err
+
+
+def test_damaged_adapter_weights_are_one_line(tmp_path, capsys, random_adapter):
+    """An adapter whose weights file was cut short, or is not safetensors at all: merge, eval and export name the
+    file in one line."""
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(random_adapter, cut)
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cfg = str(ROOT / "configs/constitution-qa-tiny.yaml")
+    for verb in ("merge", "eval", "export"):
+        err = _cli(capsys, verb, cfg, "--adapter", str(cut), "--set", f"output_dir={tmp_path / 'r'}")
+        assert f"{weights}: cut short" in err, err
+    weights.write_bytes(b"not a safetensors file at all")
+    assert f"{weights}: not a readable safetensors file" in _cli(capsys, "merge", cfg, "--adapter", str(cut))
+
+
+def test_workers_a_local_ray_cannot_hold_are_one_line(tmp_path, capsys, ray_local):
+    """16 workers of one CPU on a 2-CPU local instance (no autoscaler): one line saying both figures, instead of
+    waiting forever."""
+    from orchestrator.core.config import ConfigError, load_config
+    from orchestrator.training.train import check_cluster_fits
+
+    cfg = load_config(ROOT / "configs/constitution-qa-tiny.yaml", ["scaling.num_workers=16"])
+    with pytest.raises(ConfigError, match=r"16 workers x 1 CPUs = 16 CPUs; this local Ray instance has 2 and no "
+                                          r"autoscaler"):
+        check_cluster_fits(cfg)
+    check_cluster_fits(load_config(ROOT / "configs/constitution-qa-tiny.yaml", ["scaling.num_workers=2"]))

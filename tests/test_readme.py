@@ -150,6 +150,11 @@ def test_readme_commands_run_as_written(tmp_path):
     summary = json.loads((demo / "summary.json").read_text())
     qa = summary["answers"]["constitution-qa-tiny"]
     assert [a["question"] for a in qa][0].startswith("What does Article 16") and all("answer" in a for a in qa)
+    for run in ("constitution-qa-tiny", "medical-ner-tiny"):  # the fine-tune's value and its cost, per run
+        figures = summary["runs"][run]
+        assert 0.0 <= figures["base_val_f1"] <= 1.0 and 0.0 <= figures["finetuned_val_f1"] <= 1.0
+        assert figures["cost"]["cpu_core_hours"] > 0 and figures["cost"]["wall_s"] > 0
+    assert "base val F1" in summary["table"][0] and "fine-tuned val F1" in summary["table"][0]
     ner = summary["answers"]["medical-ner-tiny"]
     assert len(ner) == 2 and all(isinstance(a["entities"], list) for a in ner)
     jobs = tmp_path / "jobruns/constitution-qa-tiny"

@@ -25,7 +25,7 @@ def qa_cfg(model_dir, out, name="qa", **train):
         "data": {"format": "pdf", "train": [str(PDF)], "max_seq_length": 128, "tokenize_actors": 1,
                  "qa": {"kind": "rules", "max_articles": 12}},
         "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 2, "lr": 5e-3, "precision": "fp32",
-                  "eval_every": 2, "warmup_ratio": 0.0, "seed": 3, **train},
+                  "eval_every": 2, "warmup_ratio": 0.0, "seed": 3, "score_examples": 0, **train},
         "scaling": {"num_workers": 2}, "output_dir": str(out)})
 
 
@@ -39,7 +39,7 @@ def qa_prepared(ray_local, tiny_model_dir, tmp_path_factory):
 def qa_run(qa_prepared, tiny_model_dir, tmp_path_factory):
     """One uninterrupted 2-worker run: checked for its outputs, and the reference of the resume test. It logs
     every step to TensorBoard, a local MLflow store and an offline W&B run (tracking changes no number)."""
-    cfg = qa_cfg(tiny_model_dir, tmp_path_factory.mktemp("qa"), log_every=1)
+    cfg = qa_cfg(tiny_model_dir, tmp_path_factory.mktemp("qa"), log_every=1, score_examples=16)
     cfg.tracking.backends = ["tensorboard", "mlflow", "wandb"]
     cfg.tracking.wandb.mode = "offline"
     return cfg, run_training(cfg, prepared=qa_prepared)
@@ -61,7 +61,25 @@ def test_causal_lm_trains_and_writes_outputs(qa_run, qa_prepared, tiny_model_dir
     assert (run / "adapter/adapter_config.json").exists() and (run / "adapter/adapter_model.safetensors").exists()
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["steps"] == 6 and summary["final_loss"] == losses[-1]
-    assert (run / "loss.png").stat().st_size > 1000 and "![loss](loss.png)" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert (run / "loss.png").stat().st_size > 1000 and "![loss](loss.png)" in report
+    # before and after: the base alone and with the adapter, on the same validation questions, side by side
+    ba = summary["before_after"]
+    assert ba["metric"] == "token_f1" and ba["examples"] == len(qa_prepared.raw["validation"][:16]) > 0
+    for side in ("base", "finetuned"):
+        assert ba[side]["examples"] == ba["examples"] and 0.0 <= ba[side]["token_f1"] <= 1.0
+    assert summary["base_val_token_f1"] == ba["base"]["token_f1"]
+    assert summary["finetuned_val_token_f1"] == ba["finetuned"]["token_f1"]
+    assert "## Before and after fine-tuning" in report and "| token F1 |" in report
+    # what it cost: the stages add up to the wall time, core-hours of two 1-CPU workers, tokens as trained
+    cost = summary["cost"]
+    assert cost["device"] == "cpu" and cost["cpu_cores"] == 2 and cost["cpu_core_hours"] > 0
+    assert cost["tokens"] == sum(h["real_tokens"] for h in res.history)
+    assert abs(sum(cost["stages"].values()) - cost["wall_s"]) < 0.5
+    assert cost["stages"]["train_s"] > 0 and cost["stages"]["eval_s"] > 0 and cost["stages"]["setup_s"] > 0
+    assert cost["stages"]["scoring_s"] > 0 and cost["usd"] == round(cost["cpu_core_hours"] * 0.045, 4)
+    assert "## Cost" in report and "CPU core-hours" in report
+    assert all(k in res.history[1] for k in ("eval_s", "checkpoint_s"))  # step 2 validated, then saved
     weights = load_file(run / "adapter/adapter_model.safetensors")
     assert weights and all("lora_" in k for k in weights)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())  # B starts at 0
@@ -287,6 +305,14 @@ def test_ner_trains_with_entity_metrics_even_with_its_tracking_server_down(ray_l
     values = {m["name"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
     assert values["Entity F1 (seqeval)"] == round(final["entity_f1"], 4)
     assert values["Token-level weighted F1"] == round(final["token_weighted_f1"], 4)
+    # before and after on the validation sentences: the base's untrained head finds (almost) nothing
+    summary = json.loads((res.run_dir / "metrics.json").read_text())
+    ba = summary["before_after"]
+    assert ba["metric"] == "entity_f1" and ba["examples"] == 64
+    assert ba["finetuned"]["token_weighted_f1"] > ba["base"]["token_weighted_f1"]
+    assert summary["finetuned_val_entity_f1"] == ba["finetuned"]["entity_f1"]
+    card = ModelCard.load(res.adapter_dir / "README.md").text
+    assert "Validation entity f1 on 64 held-out examples: base" in card and "CPU core-hours" in card
 
 
 @pytest.mark.parametrize("mode", ["exit"])

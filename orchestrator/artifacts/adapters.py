@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from orchestrator.core.config import RunConfig, load_config, set_fields
+from orchestrator.core.config import ConfigError, RunConfig, load_config, set_fields
 from orchestrator.core.sources import ModelLoadError, check_model_source
 from orchestrator.data.base import ensure_model
 
@@ -17,11 +17,34 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def require_adapter(adapter: str | Path) -> Path:
-    """``adapter`` resolved, or a one-line error when it is not a PEFT adapter directory."""
+    """``adapter`` resolved, or a one-line error when it is not a PEFT adapter directory or its weights file is
+    damaged (cut short, say)."""
     path = Path(adapter).resolve()
     if not is_adapter(path):
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (expected a PEFT adapter directory)")
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights)
     return path
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header reads and whose tensors all lie inside the file (a copy cut short, or not a
+    safetensors file at all, is one line naming it)."""
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("its header runs past the end")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable safetensors file ({e})") from None
+    if 8 + n + end > size:
+        raise ConfigError(f"{path}: cut short ({size:,} bytes; its tensors need {8 + n + end:,})")
 
 
 def open_adapter(config: str | Path, adapter: str | Path, overrides: list[str] | None = None

@@ -24,6 +24,7 @@ import numpy as np
 from orchestrator.artifacts.adapters import open_adapter, require_adapter
 from orchestrator.core.config import ConfigError, RunConfig
 from orchestrator.core.io import atomic_path, atomic_write_text
+from orchestrator.core.runtime import quiet
 
 Quant = Literal["f16", "q8_0", "q4_k_m"]
 QUANTS: tuple[Quant, ...] = ("f16", "q8_0", "q4_k_m")
@@ -432,6 +433,7 @@ def run_export(config: str | Path, adapter: str | Path, overrides: list[str] | N
     if fmt != "gguf":
         raise ConfigError(f"export: --format {fmt}: only gguf is supported")
     cfg, adapter = open_adapter(config, adapter, overrides)  # the base built or checked before Ray starts
+    quiet(adapter.parent / "ray.log")  # the libraries' output to the run's log file (-v: here)
     r = export_gguf(cfg, adapter, quant, out, check)
     agree = r.get("llama_cpp", {}).get("greedy_agreement")
     print(f"gguf: {r['path']} ({r['quant']}, {r['bytes'] / 2**20:.1f} MiB)"

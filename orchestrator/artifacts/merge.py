@@ -27,6 +27,7 @@ import torch
 from orchestrator.artifacts.adapters import adapter_labels, load_adapter_model, open_adapter, require_adapter
 from orchestrator.core.config import RunConfig
 from orchestrator.core.io import atomic_dir, atomic_write_text
+from orchestrator.core.runtime import quiet
 from orchestrator.data.prepare import heldout_rows
 from orchestrator.reports.cards import card_text, fidelity_lines, write_card
 
@@ -135,6 +136,7 @@ def run_merge(config: str | Path, adapter: str | Path, overrides: list[str] | No
               method: Method = "16bit", compare: bool = True, examples: int = 32) -> dict[str, Any]:
     """Entry for `orchestrator merge` and jobs/merge.py. Default output: RUN_DIR/merged."""
     cfg, adapter = open_adapter(config, adapter, overrides)  # the base built or checked before Ray starts
+    quiet(adapter.parent / "ray.log")  # the libraries' output to the run's log file (-v: here)
     out_dir = Path(out) if out else Path(adapter).resolve().parent / "merged"
     result = merge_adapter(cfg, adapter, out_dir, heldout_rows(cfg), method, compare, examples)
     for m, f in result["fidelity"].items():

@@ -25,13 +25,18 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # numbers finite everywhere (inf and nan are refused as input), unknown fields refused
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# a path or name that must say something: an empty one would resolve to the working directory
+Text = Annotated[str, Field(min_length=1)]
 
 
 class ModelConfig(_Strict):
     """Base model: a hub id or a local path, and the task it is fine-tuned for."""
 
-    name_or_path: str = Field(description="Hub id (e.g. meta-llama/Llama-2-7b-hf) or local directory; "
+    name_or_path: Text = Field(description="Hub id (e.g. meta-llama/Llama-2-7b-hf) or local directory; "
                               "`{output_dir}` in a path stands for the run's output_dir (the embedded model lives "
                               "there, so later jobs find it wherever output_dir points).")
     task: Literal["causal_lm", "token_classification"] = "causal_lm"
@@ -87,7 +92,7 @@ class QAGeneratorConfig(_Strict):
     """How question/answer pairs are made from the segmented articles."""
 
     kind: Literal["rules", "llm", "jsonl"] = "rules"
-    jsonl_path: str | None = Field(None, description="User QA pairs ({question, answer} per line) for kind=jsonl.")
+    jsonl_path: Text | None = Field(None, description="User QA pairs ({question, answer} per line) for kind=jsonl.")
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint for kind=llm, e.g. http://host/v1.")
     model: str | None = None
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
@@ -95,7 +100,7 @@ class QAGeneratorConfig(_Strict):
     max_retries: int = Field(5, ge=0)
     requests_per_second: float = Field(2.0, gt=0)
     timeout_s: float = Field(60.0, gt=0)
-    cache_dir: str = Field("runs/.qa-cache", description="Responses cached here so a re-run never pays twice.")
+    cache_dir: Text = Field("runs/.qa-cache", description="Responses cached here so a re-run never pays twice.")
     max_articles: int | None = Field(None, ge=1, description="Use only the first N articles (tests, demos).")
 
     @model_validator(mode="after")
@@ -111,9 +116,9 @@ class DataConfig(_Strict):
     """Sources and tokenization. ``format`` picks the pipeline."""
 
     format: Literal["pdf", "conll", "ner_json", "qa_jsonl"]
-    train: list[str] = Field(description="Files for training (for pdf: the documents).")
-    validation: list[str] = Field(default_factory=list)
-    test: list[str] = Field(default_factory=list)
+    train: list[Text] = Field(min_length=1, description="Files for training (for pdf: the documents).")
+    validation: list[Text] = Field(default_factory=list)
+    test: list[Text] = Field(default_factory=list)
     split_seed: int = Field(42, description="Seed of the 80/10/10 split used when only train is given.")
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     max_seq_length: int = Field(512, ge=8, le=131072)
@@ -132,7 +137,7 @@ class DataConfig(_Strict):
     max_examples: int | None = Field(None, ge=1, description="Cap examples per split (tests, demos).")
     tokenize_actors: int = Field(2, ge=1, description="Actor pool size for tokenization.")
     tokenize_batch_size: int = Field(256, ge=1)
-    parquet_dir: str | None = Field(None, description="Write tokenized splits here once; later runs re-read them.")
+    parquet_dir: Text | None = Field(None, description="Write tokenized splits here once; later runs re-read them.")
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -187,6 +192,10 @@ class TrainConfig(_Strict):
         "RUN_DIR/profile/ gets a Chrome trace, an op table and summary.json (device busy fraction, longest idle "
         "gaps and the host op running when each began).")
     max_failures: int = Field(2, ge=0)
+    score_examples: int = Field(
+        64, ge=0, description="After training, score the base alone and the base with the trained adapter on this "
+        "many validation questions (QA: exact match, token F1, ROUGE-L of greedy answers) or sentences (NER: "
+        "entity P/R/F1), side by side in metrics.json, report.md, the model card and the trackers; 0: skip.")
 
     @field_validator("profile_steps")
     @classmethod
@@ -275,7 +284,7 @@ class ServeConfig(_Strict):
         "blocks up to this); unset: 256 on a GPU, 8 on a CPU. On the generate path: the dynamic batch (unset: 8).")
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_tokens_limit: int = Field(512, ge=1)
-    auth_token_env: str | None = None
+    auth_token_env: Text | None = None
     engine: Literal["continuous", "generate"] = Field(
         "continuous", description="continuous: the decode engine (paged KV cache, requests join and leave per "
                                   "step, LoRA adapters in the same steps); generate: transformers' generate over "
@@ -298,7 +307,7 @@ class ServeConfig(_Strict):
     batch_invariant: bool = Field(
         False, description="A request's greedy tokens do not depend on what else is batched (matmuls whose tiling "
         "ignores the batch size; GPU only); costs some throughput (BENCHMARKS.md).")
-    adapters: dict[str, str] = Field(
+    adapters: dict[Text, Text] = Field(
         default_factory=dict, description="LoRA adapters served on the run's base, by served name -> adapter "
         "directory (`orchestrator serve --adapter NAME=DIR`); requests pick one by `model`.")
     max_adapters: int = Field(8, ge=1, description="Adapters resident on the device at once (least recently used "
@@ -327,6 +336,16 @@ class TrackingConfig(_Strict):
     wandb: WandbTracking = Field(default_factory=WandbTracking)
 
 
+class CostConfig(_Strict):
+    """Prices a run's report turns its GPU-hours (or CPU core-hours) into dollars with."""
+
+    gpu_hour_usd: float | None = Field(
+        None, ge=0, description="Dollars per GPU-hour. Unset: the on-demand list price of the GPU the run found "
+        "(orchestrator/reports/cost.py: GPU_HOUR_USD, e.g. H100 2.99, H200 3.79, A100-80GB 1.79; set yours).")
+    cpu_core_hour_usd: float = Field(0.045, ge=0, description="Dollars per CPU core-hour, for CPU runs (about "
+                                     "an on-demand cloud vCPU-hour).")
+
+
 class RunConfig(_Strict):
     """A whole run. Relative paths resolve against the directory you run from."""
 
@@ -340,7 +359,8 @@ class RunConfig(_Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    output_dir: str = "runs"
+    cost: CostConfig = Field(default_factory=CostConfig)
+    output_dir: Text = "runs"
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -361,14 +381,8 @@ class RunConfig(_Strict):
             raise ValueError("train.precision=bf16 with quantization.compute_dtype=float16 mixes dtypes; pick one")
         if why := unsupported(self, self.train.backend):
             raise ValueError(why)
-        for key in self.tune.search_space:
-            node: Any = self
-            for part in key.split("."):
-                if not isinstance(node, BaseModel) or part not in type(node).model_fields:
-                    raise ValueError(f"tune.search_space.{key}: no such config field")
-                node = getattr(node, part)
-            if isinstance(node, BaseModel):
-                raise ValueError(f"tune.search_space.{key}: is a section, name one of its fields")
+        for key, dim in self.tune.search_space.items():
+            check_search_dim(self, key, dim)
         return self
 
     @property
@@ -446,12 +460,56 @@ def graph_unsupported(cfg: RunConfig) -> str | None:
     return None
 
 
+def check_search_dim(cfg: RunConfig, key: str, dim: SearchDim) -> None:
+    """A search dimension names a config field, and every value it can draw fits that field (type and range)."""
+    from pydantic import TypeAdapter
+
+    node: Any = cfg
+    info = None
+    for part in key.split("."):
+        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+            raise ValueError(f"tune.search_space.{key}: no such config field")
+        info, node = type(node).model_fields[part], getattr(node, part)
+    if isinstance(node, BaseModel):
+        raise ValueError(f"tune.search_space.{key}: is a section, name one of its fields")
+    fits = TypeAdapter(Annotated[(info.annotation, *info.metadata)], config=ConfigDict(allow_inf_nan=False))
+    if dim.type in ("uniform", "loguniform") and info.annotation in (int, int | None):
+        raise ValueError(f"tune.search_space.{key}: {dim.type} draws fractions and {key} takes whole numbers "
+                         "(use randint or choice)")
+    values = dim.values if dim.type in ("choice", "grid") else [dim.low, dim.high]
+    for v in values:
+        try:
+            fits.validate_python(int(v) if dim.type == "randint" else v)
+        except ValidationError as e:
+            why = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"tune.search_space.{key}: {v!r} does not fit {key} ({why})") from None
+
+
 FieldPath = Annotated[str, "dotted path such as train.lr"]
 
 
-def _parse_scalar(text: str) -> Any:
+def _parse_scalar(text: str, item: str = "") -> Any:
     """Parse an override value the way YAML would (numbers, bools, lists, null)."""
-    return yaml.safe_load(text) if text.strip() else ""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: not a valid YAML value ({getattr(err, 'problem', None) or err})") from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key that appears twice in one mapping (YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {first[key]})", key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -469,12 +527,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
                     raise ConfigError(f"--set {key}: {part} is not an index of {'.'.join(parts[:i])} "
                                       f"(0..{len(node) - 1})")
                 if last:
-                    node[int(part)] = _parse_scalar(value)
+                    node[int(part)] = _parse_scalar(value, item)
                 else:
                     node = node[int(part)]
                 continue
             if last:
-                node[part] = _parse_scalar(value)
+                node[part] = _parse_scalar(value, item)
                 break
             nxt = node.get(part)
             if nxt is None:
@@ -524,7 +582,7 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as err:
         line = p.read_bytes()[: err.start].count(b"\n") + 1
         raise ConfigError(f"{p}:{line}: not UTF-8 text (a config is a YAML file)") from None
@@ -570,7 +628,7 @@ Stage = Literal["train", "tune", "eval", "merge", "serve", "ask"]
 class PipelineRun(_Strict):
     """One run config of a pipeline."""
 
-    config: str = Field(description="Run config file, relative to the pipeline file.")
+    config: Text = Field(description="Run config file, relative to the pipeline file.")
     set: dict[str, Any] = Field(default_factory=dict, description="Field overrides for this run (dotted or nested).")
     tune: bool = Field(False, description="Also run a Tune study over this run (stage tune).")
     tune_set: dict[str, Any] = Field(default_factory=dict, description="Extra overrides for the study's base config.")
@@ -593,7 +651,7 @@ class PipelineConfig(_Strict):
     eval_examples: int = Field(32, ge=1, description="Stage eval: greedy answers to this many training-split and "
                                "validation-split questions (QA runs), scored by exact match, token F1 and ROUGE-L.")
     set: dict[str, Any] = Field(default_factory=dict, description="Overrides applied to every run, after its own.")
-    output_dir: str = Field("runs", description="Runs land in OUTPUT_DIR/NAME/RUN; the pipeline report in OUTPUT_DIR/NAME.")
+    output_dir: Text = Field("runs", description="Runs land in OUTPUT_DIR/NAME/RUN; the pipeline report in OUTPUT_DIR/NAME.")
     base_dir: str | None = Field(None, description="Resolve relative paths against this directory (relative to the "
                                  "pipeline file) instead of the working directory.")
     ask: AskConfig = Field(default_factory=AskConfig)

@@ -6,7 +6,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
+
+
+def _keep_file_handler(handler: logging.Handler) -> None:
+    """``Logger.addHandler`` of a rerouted library logger: its records already go to the run's log file."""
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name.startswith("orchestrator")
 
 
 class Console:
@@ -18,15 +27,25 @@ class Console:
         self.bar = None
 
     def open(self, path: str | Path | None) -> None:
+        if self.file is not None:  # already quiet (a verb that then starts Ray): one log file per command
+            self.reroute()
+            return
         self.path = Path(path or Path("runs") / "ray.log").resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives with the process)
         self.handler = logging.StreamHandler(self.file)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.reroute()
+        self.native_stderr_to_file()
         logging.captureWarnings(True)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:  # transformers' own bars (loading weights) and its warnings, if it is imported already
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_warning()  # its warnings (a newly initialized head) to the log file
+        except ImportError:
+            pass
         print(f"Ray and library output: {self.path} (-v shows it here)", flush=True)
 
     def reroute(self) -> None:
@@ -34,10 +53,36 @@ class Console:
         if self.file is None:
             return
         for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "transformers", "peft", "DeepSpeed",
-                     "bitsandbytes", "py.warnings"):
+                     "bitsandbytes", "kernels", "py.warnings"):
             lg = logging.getLogger(name)
             lg.handlers = [self.handler]
             lg.propagate = False
+            # a library that adds its own console handler when imported later (DeepSpeed does) adds nothing
+            lg.addHandler = _keep_file_handler
+        root = logging.getLogger()
+        for h in root.handlers:  # the console's handlers keep the project's records; the rest go to the file
+            if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr) and _ours not in h.filters:
+                h.addFilter(_ours)
+        if self.handler not in root.handlers:
+            root.addHandler(self.handler)
+
+    def native_stderr_to_file(self) -> None:
+        """What native code writes to file descriptor 2 (Ray's core worker in this process, the processes it
+        starts) goes to the log file; Python's ``sys.stderr`` (the project's errors, progress bars) moves to a
+        copy of the console's descriptor, and the logging handlers that wrote to it follow."""
+        try:
+            on_fd2 = sys.stderr.fileno() == 2
+        except (AttributeError, OSError, ValueError):  # a captured stream (tests): Python's side stays as it is
+            on_fd2 = False
+        sys.stderr.flush()
+        if on_fd2:
+            old = sys.stderr
+            new = open(os.dup(2), "w", buffering=1, encoding=old.encoding, errors="backslashreplace")  # noqa: SIM115
+            for h in logging.getLogger().handlers:
+                if isinstance(h, logging.StreamHandler) and h.stream is old:
+                    h.setStream(new)
+            sys.stderr = new
+        os.dup2(self.file.fileno(), 2)
 
     def capture_workers(self) -> None:
         """Workers' stdout/stderr lines go to the log file instead of the console (Ray's own handler off);

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 from orchestrator.core.console import console
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/, data/, models/
 VERBOSE = False  # `-v`: Ray's and the libraries' output on the console too (set by setup_logging)
+
+
+def quiet(log_file: str | Path) -> None:
+    """The quiet console for a verb that may not start Ray (eval, merge, export): the libraries' output to
+    ``log_file``, unless ``-v``."""
+    if not VERBOSE:
+        console.open(log_file)
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True, log_file: str | Path | None = None) -> None:
@@ -28,12 +37,16 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, log_file: str | Pa
     kwargs = {"log_to_driver": True, "logging_level": logging.WARNING if quiet else logging.INFO}
     if quiet:
         console.open(log_file)
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     elif num_cpus:  # a local instance of that size, even if a `ray start` cluster runs on this machine
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     else:
         ray.init(**kwargs)  # a `ray start` cluster on this machine if there is one, else a new local instance
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        # Ray's own SIGTERM handler (a stack dump, exit 15) replaced the verb's: put the verb's back
+        signal.signal(signal.SIGTERM, on_sigterm)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     if quiet:

@@ -383,10 +383,12 @@ def _param(k: str, v: Any):
 
 
 def end_study(study_plan: dict[str, Any], run_dir: Path, trials: list[dict[str, Any]], best: dict[str, Any],
-              metric: str) -> None:
-    """Tag the best trial's run, give the study run the best value, close it; W&B: a study summary run."""
+              metric: str, cost: dict[str, Any] | None = None) -> None:
+    """Tag the best trial's run, give the study run the best value and its cost, close it; W&B: a study summary
+    run."""
     best_record = read_record(run_dir / "trials" / best["trial_id"])
     score = best.get(f"best_{metric}")
+    costs = flat_metrics(cost or {}, "cost/")
     if "mlflow" in study_plan:
         try:
             from mlflow.tracking import MlflowClient
@@ -400,11 +402,13 @@ def end_study(study_plan: dict[str, Any], run_dir: Path, trials: list[dict[str, 
                 client.set_tag(m["run_id"], "best_trial_id", best["trial_id"])
                 if score is not None:
                     client.log_metric(m["run_id"], f"best_{metric}", float(score))
+                for k, v in costs.items():
+                    client.log_metric(m["run_id"], k, v)
                 client.set_terminated(m["run_id"])
         except Exception as e:  # noqa: BLE001
             warn_dropped("mlflow", f"study results not logged ({first_line(e)})")
     if "wandb" in study_plan:
-        log_to_run(run_dir, {f"best_{metric}": score} if score is not None else {},
+        log_to_run(run_dir, ({f"best_{metric}": score} if score is not None else {}) | {"cost": cost or {}},
                    [run_dir / "trials.csv", run_dir / "best_config.yaml"], job="study")
 
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from orchestrator.core.config import RunConfig, check_data_files
+from orchestrator.core.config import ConfigError, RunConfig, check_data_files
 from orchestrator.core.io import atomic_dir
 from orchestrator.core.sources import ModelLoadError, check_model_source
 
@@ -218,6 +218,16 @@ def base_corpus(cfg) -> tuple[list[str], list[dict], dict]:
     return texts, qa, record
 
 
+def check_build_target(path: Path) -> None:
+    """A model is only ever built into a new or empty directory, or over a model: never into a folder holding
+    other things (a mistyped path, the checkout itself)."""
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {path} holds files and no model; the embedded model is built only "
+                          "into a new or empty directory (model.build_tiny: true)")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"model.name_or_path: {path} is a file, not a model directory")
+
+
 def ensure_base_model(cfg, force: bool = False) -> None:
     """Build the tiny model named by a config with ``model.build_tiny: true`` if it is missing (or ``force``)."""
     if not cfg.model.build_tiny:
@@ -225,6 +235,7 @@ def ensure_base_model(cfg, force: bool = False) -> None:
     path = Path(cfg.model.name_or_path)
     if (path / "config.json").exists() and not force:
         return
+    check_build_target(path)
     texts, qa, record = base_corpus(cfg)
     log.info("building the tiny base model at %s (tokenizer trained on %d texts, %d QA pairs)", path, len(texts), len(qa))
     build_tiny_llama(path, texts, pretrain_steps=cfg.model.tiny_pretrain_steps, force=force, qa_pairs=qa,
@@ -235,6 +246,7 @@ def ensure_model(cfg: RunConfig) -> str:
     """The run's base model, ready to load before any Ray work: the embedded tiny Llama is built on first use
     (``model.build_tiny: true``); any other local path must hold a model (one line naming path and setting)."""
     check_data_files(cfg)  # the tiny model is built from the corpus, and every stage reads it
+    check_data(cfg)
     if cfg.model.build_tiny:
         ensure_base_model(cfg)
     try:
@@ -242,3 +254,22 @@ def ensure_model(cfg: RunConfig) -> str:
     except ModelLoadError as e:
         raise ModelLoadError(f"{e}; set model.name_or_path to a model directory or hub id, or model.build_tiny: "
                              "true for the embedded default") from None
+
+
+def check_data(cfg: RunConfig) -> None:
+    """Text data files read and checked here, before Ray starts (a bad line is one error naming file and line):
+    QA pairs (``qa_jsonl``, ``qa.kind: jsonl``) and NER corpora (CoNLL, JSON)."""
+    from orchestrator.data import ner
+    from orchestrator.data.qa import read_qa_jsonl
+
+    d = cfg.data
+    files = d.train + d.validation + d.test
+    if d.format == "qa_jsonl":
+        for f in files:
+            read_qa_jsonl(f)
+    elif d.format == "pdf" and d.qa.kind == "jsonl":
+        read_qa_jsonl(d.qa.jsonl_path)
+    elif d.format in ("conll", "ner_json"):
+        for f in files:
+            if not ner.read_ner([f], d.format, d.repair)[0]:
+                raise ConfigError(f"data: {f}: no sentences")

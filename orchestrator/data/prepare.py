@@ -11,7 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from orchestrator.core.config import RunConfig, load_config
-from orchestrator.core.runtime import init_ray
+from orchestrator.core.runtime import init_ray, quiet
 from orchestrator.data.base import ensure_model
 from orchestrator.data.pipelines import Prepared, prepare, read_parquet, split_stats, write_parquet
 
@@ -44,6 +44,7 @@ def run_prepare(config: str | Path, overrides: list[str] | None = None, parquet_
     if parquet_dir:
         cfg.data.parquet_dir = str(Path(parquet_dir).resolve())
     t0 = time.perf_counter()
+    quiet(cfg.run_dir / "ray.log")  # before the bar: native output moves to the log file with the console's
     steps = tqdm(total=3, desc="prepare", unit="stage")
     steps.set_postfix_str("base model / tokenizer")
     ensure_model(cfg)

@@ -226,9 +226,11 @@ def run_serve(configs: list[str | Path], overrides: list[str] | None = None, mod
     if not blocking:
         print(urls(url, args))
         return url
-    print(urls(url, args) + "\n(Ctrl-C or SIGTERM stops)")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # what Kubernetes and systemd send
+    # what Kubernetes and systemd send; set before the URLs are printed (a client may stop us on seeing them), and
+    # after Ray started (its own handler dumps a stack trace and exits 15)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(urls(url, args) + "\n(Ctrl-C or SIGTERM stops)")
     try:
         stop.wait()
     except KeyboardInterrupt:

@@ -79,6 +79,25 @@ def _results(run_dir: Path) -> tuple[dict[str, Any] | None, str, dict[str, Any]]
     return (final or None), "validation", summary
 
 
+def value_and_cost_lines(summary: dict[str, Any]) -> list[str]:
+    """The card's lines on what the fine-tune changed (base vs fine-tuned on validation) and what it cost."""
+    out = []
+    if r := summary.get("before_after"):
+        key = r["metric"]
+        out.append(f"- Validation {key.replace('_', ' ')} on {r['examples']} held-out examples: base "
+                   f"{r['base'][key]:.3f}, fine-tuned {r['finetuned'][key]:.3f} ({r['gain']:+.3f})")
+    if c := summary.get("cost"):
+        if "gpu_hours" in c:
+            usd = f", ${c['usd']:.2f}" if c.get("usd") is not None else ""
+            mfu = f", MFU {c['mfu']:.1%}" if c.get("mfu") is not None else ""
+            out.append(f"- Cost: {c['gpu_hours']:.3f} GPU-hours on {c['gpus']:g} x {c['device']}{usd}{mfu}; "
+                       f"wall {c['wall_s'] / 60:.1f} min")
+        else:
+            out.append(f"- Cost: {c['cpu_core_hours']:.3f} CPU core-hours (${c['usd']:.4f}); "
+                       f"wall {c['wall_s'] / 60:.1f} min")
+    return out
+
+
 def card_text(cfg: RunConfig, kind: str, run_dir: Path, extra: list[str] | None = None) -> str:
     """The card for ``kind`` "adapter" or "merged" of the run in ``run_dir``."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -112,7 +131,7 @@ def card_text(cfg: RunConfig, kind: str, run_dir: Path, extra: list[str] | None 
             f"- Hardware: {s.num_workers} Ray Train worker(s), {'GPU' if s.use_gpu else 'CPU'}"
             f"{f', {cfg.train.strategy}' if s.num_workers > 1 else ''}",
             f"- Loss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}" if "final_loss" in summary else "",
-            ""]
+            *value_and_cost_lines(summary), ""]
     if results:
         body += [f"## Evaluation ({split} split)", "", "| metric | value |", "|---|---|"]
         body += [f"| {r.metric_name} | {r.metric_value:.4f} |" for r in data.eval_results]

@@ -28,7 +28,8 @@ class RunOutcome:
 
 
 def summary_table(outcomes: list[RunOutcome]) -> list[list[str]]:
-    rows = [["run", "task", "steps", "train loss", "eval", "train time", "tune best", "merge KL / top-1"]]
+    rows = [["run", "task", "steps", "train loss", "eval", "base val F1", "fine-tuned val F1", "train time", "cost",
+             "tune best", "merge KL / top-1"]]
     for o in outcomes:
         m = o.metrics
         ev = ", ".join(f"{k} {v:.3g}" for k, v in m.get("final_eval", {}).items()
@@ -41,10 +42,34 @@ def summary_table(outcomes: list[RunOutcome]) -> list[list[str]]:
         if o.merge:
             f = o.merge["fidelity"][o.merge["method"]]
             fid = f"{f['mean_kl']:.1e} / {f['top1_agreement']:.3f}"
+        base, tuned = val_f1(m)
         rows.append([o.cfg.name, o.cfg.model.task, str(m.get("steps", "-")),
                      f"{m['first_loss']:.3g} -> {m['final_loss']:.3g}" if m else "-", ev,
-                     f"{o.train_s:.0f} s" if o.train_s else ("earlier" if m else "-"), best, fid])
+                     f"{base:.3f}" if base is not None else "-", f"{tuned:.3f}" if tuned is not None else "-",
+                     f"{o.train_s:.0f} s" if o.train_s else ("earlier" if m else "-"), cost_cell(m.get("cost")),
+                     best, fid])
     return rows
+
+
+def val_f1(metrics: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The run's base and fine-tuned F1 on validation (QA: token F1; NER: entity F1), where it was scored."""
+    r = metrics.get("before_after")
+    return (r["base"][r["metric"]], r["finetuned"][r["metric"]]) if r else (None, None)
+
+
+def cost_cell(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "-"
+    if "gpu_hours" in c:
+        return f"{c['gpu_hours']:.3f} GPU-h" + (f" ${c['usd']:.2f}" if c.get("usd") is not None else "")
+    return f"{c['cpu_core_hours']:.3f} core-h ${c['usd']:.3f}"
+
+
+def run_figures(o: RunOutcome) -> dict[str, Any]:
+    """A run's headline figures for summary.json: validation F1 before and after fine-tuning, and its cost."""
+    base, tuned = val_f1(o.metrics)
+    return {"base_val_f1": base, "finetuned_val_f1": tuned, "first_loss": o.metrics.get("first_loss"),
+            "final_loss": o.metrics.get("final_loss"), "cost": o.metrics.get("cost")}
 
 
 def _loss_plot(outcomes: list[RunOutcome]) -> bytes:
@@ -69,6 +94,10 @@ def write_report(pipe: PipelineConfig, report_dir: Path, outcomes: list[RunOutco
     for o in outcomes:
         name = o.cfg.name
         md += [f"## {name}", "", f"Run report: [{name}/report.md]({name}/report.md)"]
+        if r := o.metrics.get("before_after"):
+            key = r["metric"]
+            md += ["", f"Validation {key.replace('_', ' ')} on {r['examples']} held-out examples: base "
+                   f"{r['base'][key]:.3f} → fine-tuned **{r['finetuned'][key]:.3f}** ({r['gain']:+.3f})."]
         if looks := where_to_look(o.cfg.run_dir):
             md += ["", "Tracking:", "", *[f"- `{line.split(':', 1)[0]}`: {line.split(':', 1)[1].strip()}"
                                           for line in looks]]
@@ -105,7 +134,8 @@ def write_report(pipe: PipelineConfig, report_dir: Path, outcomes: list[RunOutco
          "answers": {o.cfg.name: o.answers for o in outcomes},
          "evals": {o.cfg.name: {k: {m: v for m, v in r.items() if m != "samples"} for k, r in o.evals.items()}
                    for o in outcomes if o.evals},
-         "tune_best": {o.cfg.name: o.best_trial for o in outcomes if o.best_trial}}, indent=2, default=str))
+         "tune_best": {o.cfg.name: o.best_trial for o in outcomes if o.best_trial},
+         "runs": {o.cfg.name: run_figures(o) for o in outcomes if o.metrics}}, indent=2, default=str))
     return text_table(rows)
 
 

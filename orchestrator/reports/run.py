@@ -15,8 +15,10 @@ log = logging.getLogger(__name__)
 EVAL_KEYS = ("val_loss", "perplexity", "entity_f1", "entity_precision", "entity_recall", "token_weighted_f1")
 
 
-def write_run_outputs(cfg: RunConfig, run_dir: Path, history: list[dict[str, Any]], best_path: str | None) -> None:
-    """metrics.json, loss.png, eval.png and report.md in ``run_dir``, each written atomically."""
+def write_run_outputs(cfg: RunConfig, run_dir: Path, history: list[dict[str, Any]], best_path: str | None,
+                      scores: dict[str, Any] | None = None, cost: dict[str, Any] | None = None) -> None:
+    """metrics.json, loss.png, eval.png and report.md in ``run_dir``, each written atomically. ``scores``: the
+    base and the fine-tuned adapter on the same validation rows; ``cost``: reports.cost.run_cost."""
     run_dir.mkdir(parents=True, exist_ok=True)
     evals = [h for h in history if any(k in h for k in EVAL_KEYS)]
     first, last = history[0], history[-1]
@@ -27,8 +29,15 @@ def write_run_outputs(cfg: RunConfig, run_dir: Path, history: list[dict[str, Any
         "final_eval": {k: v for k, v in (evals[-1] if evals else {}).items() if k in EVAL_KEYS},
         "best_checkpoint": best_path, "median_tokens_per_s": _median([h["tokens_per_s"] for h in history[1:]] or
                                                                      [first["tokens_per_s"]]),
-        "peak_memory_mb": max(h["peak_memory_mb"] for h in history), "history": history,
+        "peak_memory_mb": max(h["peak_memory_mb"] for h in history),
     }
+    if scores:
+        key = scores["metric"]
+        summary |= {f"base_val_{key}": scores["base"][key], f"finetuned_val_{key}": scores["finetuned"][key],
+                    "before_after": scores}
+    if cost:
+        summary["cost"] = cost
+    summary["history"] = history
     atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
     try:
         import matplotlib  # noqa: F401  (a dependency; missing only in a --no-deps install)
@@ -50,6 +59,7 @@ def write_run_outputs(cfg: RunConfig, run_dir: Path, history: list[dict[str, Any
 
 def _write_report(cfg: RunConfig, run_dir: Path, summary: dict[str, Any], plots: bool) -> None:
     fe = summary["final_eval"]
+    sections = before_after_section(summary.get("before_after")) + cost_section(summary.get("cost"))
     figures = "![loss](loss.png)\n\n![validation](eval.png)" if plots else "(plots need matplotlib)"
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in fe.items())
     from orchestrator.core.tracking import where_to_look
@@ -77,13 +87,44 @@ alpha={cfg.lora.alpha}, {cfg.scaling.num_workers} Ray Train worker(s), {"GPU" if
 {rows}
 
 {figures}
-{tracked}
+{sections}{tracked}
 ## Config
 
 ```yaml
 {dump_config(cfg)}```
 """
     atomic_write_text(run_dir / "report.md", text)
+
+
+SCORE_NAMES = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L",
+               "entity_precision": "entity precision", "entity_recall": "entity recall", "entity_f1": "entity F1",
+               "token_weighted_f1": "token-level weighted F1"}
+
+
+def before_after_section(r: dict[str, Any] | None) -> str:
+    """The base and the fine-tuned model side by side on the same validation rows (Markdown)."""
+    if not r:
+        return ""
+    what = "sentences" if "entity_f1" in r["base"] else "questions"
+    rows = [f"| {label} | {r['base'][k]:.3f} | {r['finetuned'][k]:.3f} | {r['finetuned'][k] - r['base'][k]:+.3f} |"
+            for k, label in SCORE_NAMES.items() if k in r["base"]]
+    text = (f"\n## Before and after fine-tuning\n\nThe base alone and the base with this run's adapter, on the same "
+            f"{r['examples']} validation {what}:\n\n| metric | base | fine-tuned | change |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+    samples = list(zip(r["base"].get("samples", []), r["finetuned"].get("samples", []), strict=False))[:3]
+    for b, f in samples:
+        text += (f"\n- **Q:** {b['question']}\n  - reference: {b['reference'][:200]}\n  - base: {b['generated'][:200]}"
+                 f"\n  - fine-tuned: {f['generated'][:200]}")
+    return text + ("\n" if samples else "")
+
+
+def cost_section(cost: dict[str, Any] | None) -> str:
+    """Wall time by stage, resource-hours, throughput per resource-hour, MFU and dollars (Markdown)."""
+    if not cost:
+        return ""
+    from orchestrator.reports.cost import cost_lines
+
+    return "\n## Cost\n\n| | |\n|---|---|\n" + "\n".join(cost_lines(cost)) + "\n"
 
 
 def _median(xs: list[float]) -> float:

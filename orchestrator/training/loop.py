@@ -332,10 +332,19 @@ def finish_step(w: Worker, pos: Position, loss_sum: torch.Tensor, tokens: torch.
 
 # ---------------------------------------------------------------- the recipe
 
+def _about(w: Worker) -> dict[str, Any]:
+    """The device and the model FLOPs per token, for the run's cost report (MFU)."""
+    from orchestrator.training.model import flops_per_token
+
+    name = torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu"
+    return {"device_name": name, "flops_per_token": flops_per_token(w.core, w.cfg.data.max_seq_length)}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's worker function: set up, restore, run the steps, close the tracker."""
     import ray.util
 
+    started = time.perf_counter()
     job = WorkerJob(**config)
     w, state = set_up(job)
     pos = w.checkpointer.resume(state, w.strategy, w.scheduler)
@@ -351,7 +360,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     recorder = StepRecorder(
         w.rank, w.world, w.device, w.cfg.train.log_every, pos.history, validate=lambda: validate(w),
         checkpoint=lambda metrics: w.checkpointer.save(metrics, pos, w.strategy, w.scheduler, w.tokenizer),
-        tracker=tracker)
+        tracker=tracker, started=started, about=_about(w))
     run_steps(w, pos, recorder)
     if tracker:
         tracker.end()

@@ -122,3 +122,22 @@ def param_counts(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Model FLOPs one trained token costs: 4N for a frozen base's matmuls (forward 2N, input gradients 2N; no
+    weight gradients but the adapter's, which are small) plus causal attention's 6 x layers x hidden x sequence
+    (forward and backward). N counts the matmul weights: every parameter but the input embeddings (the LM head
+    counted even when tied to them). Recomputation under gradient checkpointing is not model FLOPs (MFU)."""
+    _, total = param_counts(model)
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = total
+    if embed is not None:
+        n -= embed.weight.numel()
+        if getattr(text, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings") \
+                and model.get_output_embeddings() is not None:
+            n += embed.weight.numel()
+    layers, hidden = getattr(text, "num_hidden_layers", 0), getattr(text, "hidden_size", 0)
+    return 4.0 * n + 6.0 * layers * hidden * seq_len

@@ -54,13 +54,18 @@ class StepRecorder:
 
     def __init__(self, rank: int, world: int, device: torch.device, log_every: int, history: list[dict[str, Any]],
                  validate: Callable[[], dict[str, float]], checkpoint: Callable[[dict[str, Any]], None],
-                 tracker=None):
+                 tracker=None, about: dict[str, Any] | None = None, started: float | None = None):
         self.rank, self.world, self.device, self.log_every = rank, world, device, log_every
         self.history, self.validate, self.checkpoint, self.tracker = history, validate, checkpoint, tracker
         self.setup_peak_mb, self.t_window, self.tok_window = 0.0, time.perf_counter(), 0
+        # what the run's cost report needs from a worker, on this attempt's first recorded step: the set-up's
+        # seconds (worker start to the first step), the device, the model FLOPs per token
+        self.about, self.started = dict(about or {}), started
 
     def start(self) -> None:
-        """The steps begin: the set-up's peak memory is kept apart and the first window opens."""
+        """The steps begin: the set-up's peak memory and seconds are kept apart and the first window opens."""
+        if self.started is not None:
+            self.about["setup_s"] = time.perf_counter() - self.started
         self.setup_peak_mb = peak_memory_mb(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -76,15 +81,21 @@ class StepRecorder:
             ready.synchronize()
         loss, tokens, norm = figures.tolist()
         metrics = self._metrics(done, loss, int(tokens), norm)
+        metrics.update(self.about)
+        self.about = {}
         if done.is_eval:
+            t0 = time.perf_counter()
             metrics.update(self.validate())
+            metrics["eval_s"] = time.perf_counter() - t0
         self.history.append(metrics)
         if self.rank == 0 and (done.step % self.log_every == 0 or done.is_eval):
             print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}))
             if self.tracker:
                 self.tracker.log({**metrics, "tokens_per_s_per_gpu": metrics["tokens_per_s"] / self.world}, done.step)
         if done.is_eval:
+            t0 = time.perf_counter()
             self.checkpoint(metrics)
+            metrics["checkpoint_s"] = time.perf_counter() - t0  # in the history of the checkpoints after this one
         elif done.step % self.log_every == 0:
             ray.train.report(metrics)
 

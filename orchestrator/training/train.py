@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,15 +67,59 @@ class TrainResult:
 
 
 def check_cluster_fits(cfg: RunConfig) -> None:
-    """GPU workers need that many GPUs in the connected cluster (one line naming both figures)."""
+    """The run's workers fit the connected cluster: GPU workers need that many GPUs; CPU workers that many CPUs
+    where nothing can add any (a local Ray instance: no autoscaler). One line naming both figures."""
     import ray
 
     s = cfg.scaling
-    if s.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-        if gpus < s.num_workers * s.gpus_per_worker:
-            raise ConfigError(f"scaling.use_gpu=true needs {s.num_workers * s.gpus_per_worker:g} GPUs; "
-                              f"this Ray cluster has {gpus:g}. Set scaling.use_gpu=false to train on CPUs.")
+    total = ray.cluster_resources() if ray.is_initialized() else {}
+    if s.use_gpu and total.get("GPU", 0) < s.num_workers * s.gpus_per_worker:
+        raise ConfigError(f"scaling.use_gpu=true needs {s.num_workers * s.gpus_per_worker:g} GPUs; "
+                          f"this Ray cluster has {total.get('GPU', 0):g}. Set scaling.use_gpu=false to train on CPUs.")
+    need = s.num_workers * s.cpus_per_worker
+    if ray.is_initialized() and total.get("CPU", 0) < need and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPUs = {need:g} CPUs; this "
+                          f"local Ray instance has {total.get('CPU', 0):g} and no autoscaler to add more (lower "
+                          "scaling.num_workers or scaling.cpus_per_worker, or run on a cluster)")
+
+
+class ResourceWatch:
+    """While a run waits for its workers' resources, a line every minute saying what it asked for and what the
+    cluster has (on a cluster an autoscaler may still add nodes; a local instance was checked before)."""
+
+    def __init__(self, cfg: RunConfig, first_after_s: float = 30.0, every_s: float = 60.0):
+        import threading
+
+        self.cfg, self.first, self.every = cfg, first_after_s, every_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="resource-watch", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+
+    def _watch(self) -> None:
+        import ray
+
+        wait = self.first
+        while not self.done.wait(wait):
+            wait = self.every
+            try:
+                pending = [pg for pg in ray.util.placement_group_table().values() if pg.get("state") == "PENDING"]
+            except Exception:  # noqa: BLE001 (the watch only speaks; it never stops a run)
+                return
+            if not pending:
+                continue
+            s, have = self.cfg.scaling, ray.cluster_resources()
+            gpus = f" and {have.get('GPU', 0):g} GPUs" if s.use_gpu else ""
+            asked = f"{s.num_workers} workers x ({s.cpus_per_worker:g} CPU" + (
+                f" + {s.gpus_per_worker:g} GPU)" if s.use_gpu else ")")
+            print(f"waiting for resources: the run asks for {asked}; the cluster has {have.get('CPU', 0):g} CPUs"
+                  f"{gpus} "
+                  "(an autoscaler may add nodes; Ctrl-C stops)", flush=True)
 
 
 def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
@@ -146,28 +191,34 @@ def run_training(cfg: RunConfig, resume: bool = False, prepared=None, callbacks:
     from orchestrator.core.sources import check_model_source
     from orchestrator.data.prepare import prepare_data
 
+    check_run_dir(cfg, resume)
     check_cluster_fits(cfg)
     check_model_source(cfg.model.name_or_path)
-    check_run_dir(cfg, resume)
     track = tracking.plan(cfg, nodes=sum(1 for n in ray.nodes() if n.get("Alive")), parent=study)
+    t0 = time.perf_counter()
     prepared = prepared or prepare_data(cfg)
     shards, rows_per_rank, val_batches_max = sharded_data(cfg, prepared)
     job = WorkerJob(run=cfg.model_dump(mode="json"), run_dir=str(cfg.run_dir), rows_per_rank=rows_per_rank,
                     val_batches_max=val_batches_max, labels=prepared.labels, tracking=track,
                     fault=os.environ.get(FAULT_ENV))
-    with console.progress(f"train {cfg.name}", Plan.make(cfg, rows_per_rank).total_steps):
+    wall = {"data_prep_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    with console.progress(f"train {cfg.name}", Plan.make(cfg, rows_per_rank).total_steps), ResourceWatch(cfg):
         result = make_trainer(cfg, job, shards, callbacks).fit()
+    wall["fit_s"] = time.perf_counter() - t0
     if result.error:
         raise result.error
-    return finish_run(cfg, result)
+    return finish_run(cfg, result, wall, prepared)
 
 
-def finish_run(cfg: RunConfig, result) -> TrainResult:
-    """The best checkpoint's adapter copied to RUN_DIR/adapter, the latest's history into metrics.json, the run
-    report and the adapter's model card written, the tracker told."""
+def finish_run(cfg: RunConfig, result, wall: dict[str, float] | None = None, prepared=None) -> TrainResult:
+    """The best checkpoint's adapter copied to RUN_DIR/adapter, the base and the adapter scored side by side, the
+    latest's history into metrics.json with the run's cost, the run report and the adapter's model card written,
+    the tracker told."""
     from orchestrator.core import tracking
     from orchestrator.core.io import atomic_dir
     from orchestrator.reports.cards import write_card
+    from orchestrator.reports.cost import run_cost
     from orchestrator.reports.run import write_run_outputs
 
     run_dir = Path(cfg.run_dir)
@@ -180,11 +231,39 @@ def finish_run(cfg: RunConfig, result) -> TrainResult:
     adapter_dir = run_dir / "adapter"
     with best.as_directory() as d, atomic_dir(adapter_dir) as tmp:
         shutil.copytree(Path(d) / "adapter", tmp, dirs_exist_ok=True)
-    write_run_outputs(cfg, run_dir, history, best_path=best.path)
+    wall = dict(wall or {})
+    t0 = time.perf_counter()
+    scores = score_run(cfg, adapter_dir, prepared)
+    wall["scoring_s"] = time.perf_counter() - t0 if scores else 0.0
+    cost = run_cost(cfg, history, wall)
+    write_run_outputs(cfg, run_dir, history, best_path=best.path, scores=scores, cost=cost)
     write_card(cfg, "adapter", adapter_dir)
-    tracking.log_to_run(run_dir, artifacts=[adapter_dir / "README.md", run_dir / "report.md",
-                                            run_dir / "metrics.json"], job="train")
+    figures = {"cost": cost} | ({"before_after": {k: scores[k] for k in ("base", "finetuned", "gain")}}
+                                if scores else {})
+    tracking.log_to_run(run_dir, figures, artifacts=[adapter_dir / "README.md", run_dir / "report.md",
+                                                     run_dir / "metrics.json"], job="train")
     return TrainResult(run_dir, adapter_dir, history[-1], history, best.path)
+
+
+def score_run(cfg: RunConfig, adapter_dir: Path, prepared) -> dict[str, Any] | None:
+    """The base and the trained adapter scored on the first ``train.score_examples`` validation rows (a Ray task
+    on one worker's resources); None when that is 0 or there are no validation rows."""
+    from orchestrator.data.prepare import heldout_rows
+    from orchestrator.training.scoring import before_after_on_cluster
+
+    n = cfg.train.score_examples
+    if not n:
+        return None
+    raw = getattr(prepared, "raw", None) or {}
+    rows = (raw.get("validation") or heldout_rows(cfg, "validation") or [])[:n]
+    if not rows:
+        return None
+    labels = getattr(prepared, "labels", None)
+    r = before_after_on_cluster(cfg, adapter_dir, rows, labels)
+    key = r["metric"]
+    print(f"{cfg.name}: {key} on {r['examples']} validation {'sentences' if labels else 'questions'}: base "
+          f"{r['base'][key]:.3f} -> fine-tuned {r['finetuned'][key]:.3f}")
+    return r
 
 
 def run_train(config: str | Path, overrides: list[str] | None = None, resume: str | None = None) -> TrainResult:
@@ -196,6 +275,7 @@ def run_train(config: str | Path, overrides: list[str] | None = None, resume: st
     if resume:
         resume_dir = Path(resume).resolve()
         cfg.output_dir, cfg.name = str(resume_dir.parent), resume_dir.name
+    check_run_dir(cfg, bool(resume))  # before Ray starts (its log file would create the run dir)
     ensure_model(cfg)  # built on first use, or a one-line error, before Ray starts
     init_ray(log_file=cfg.run_dir / "ray.log")
     result = run_training(cfg, resume=bool(resume))

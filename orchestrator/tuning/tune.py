@@ -150,6 +150,7 @@ class StudyResult:
     best: dict[str, Any]
     best_config: Path
     best_adapter: Path
+    cost: dict[str, Any] | None = None
 
 
 def _searcher(cfg: RunConfig):
@@ -175,12 +176,16 @@ def _scheduler(cfg: RunConfig, max_t: int):
                          reduction_factor=cfg.tune.reduction_factor)
 
 
-def evals_per_run(cfg: RunConfig, train_rows: int) -> int:
-    """How many validation reports one full run makes (the ASHA horizon)."""
+def planned_steps(cfg: RunConfig, train_rows: int) -> int:
+    """The optimizer steps of one full run."""
     from orchestrator.training.loop import Plan
 
-    total = Plan.make(cfg, train_rows // cfg.scaling.num_workers).total_steps
-    return math.ceil(total / cfg.train.eval_every)
+    return Plan.make(cfg, train_rows // cfg.scaling.num_workers).total_steps
+
+
+def evals_per_run(cfg: RunConfig, train_rows: int) -> int:
+    """How many validation reports one full run makes (the ASHA horizon)."""
+    return math.ceil(planned_steps(cfg, train_rows) / cfg.train.eval_every)
 
 
 def _bind_ray_train() -> None:
@@ -196,6 +201,18 @@ def _bind_ray_train() -> None:
         ray.train = sys.modules["ray.train"]
 
 
+def check_study(cfg: RunConfig, resume: bool) -> None:
+    """A search space to search, and a study folder that is new (or, resuming, one that holds a study)."""
+    if not cfg.tune.search_space:
+        raise ConfigError("tune.search_space is empty: name at least one field to search over")
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / STUDY).exists() and not resume:
+        raise ConfigError(f"{run_dir} already holds a study; pass --resume to continue it, "
+                          f"or choose another name (--set name=...)")
+    if resume and not (run_dir / STUDY).exists():
+        raise ConfigError(f"--resume: {run_dir} holds no study to resume")
+
+
 def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
     """Run (or resume) the study and write the trial table, best config, best adapter and plot."""
     import ray.tune
@@ -205,19 +222,14 @@ def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
     from orchestrator.data.prepare import prepare_data
 
     _bind_ray_train()
-    if not cfg.tune.search_space:
-        raise ConfigError("tune.search_space is empty: name at least one field to search over")
+    check_study(cfg, resume)
     run_dir = Path(cfg.run_dir)
     study_path = run_dir / STUDY
-    if study_path.exists() and not resume:
-        raise ConfigError(f"{run_dir} already holds a study; pass --resume to continue it, "
-                          f"or choose another name (--set name=...)")
-    if resume and not study_path.exists():
-        raise ConfigError(f"--resume: {run_dir} holds no study to resume")
     base = copy.deepcopy(cfg)
     base.data.parquet_dir = str(_data_dir(run_dir, base))
     prepared = prepare_data(base)  # once on the driver; trials with the same data section re-read it
-    max_t = evals_per_run(base, prepared.datasets["train"].count())
+    train_rows = prepared.datasets["train"].count()
+    max_t = evals_per_run(base, train_rows)
 
     from orchestrator.core import tracking
     from orchestrator.core.console import console
@@ -243,8 +255,8 @@ def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
                                      verbose=0 if console.file else 1,  # the quiet console: our table at the end
                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.trial_max_failures)))
     grid = tuner.fit()
-    result = write_study_outputs(cfg, run_dir, grid)
-    tracking.end_study(study_tracking, run_dir, result.trials, result.best, cfg.tune.metric)
+    result = write_study_outputs(cfg, run_dir, grid, planned_steps(base, train_rows))
+    tracking.end_study(study_tracking, run_dir, result.trials, result.best, cfg.tune.metric, result.cost)
     for line in tracking.where_to_look(run_dir):
         print(line)
     return result
@@ -258,8 +270,9 @@ def _status(result, trial_dir: Path) -> str:
     return "stopped early"
 
 
-def write_study_outputs(cfg: RunConfig, run_dir: Path, grid) -> StudyResult:
-    """Trial table (CSV/JSON, printed), best config YAML, best adapter and the metric plot."""
+def write_study_outputs(cfg: RunConfig, run_dir: Path, grid, planned: int | None = None) -> StudyResult:
+    """Trial table (CSV/JSON, printed), best config YAML, best adapter, the metric plot and the study's cost
+    (``planned``: one full run's steps, what an early-stopped trial did not run)."""
     metric, mode = cfg.tune.metric, cfg.tune.mode
     better = min if mode == "min" else max
     keys = list(cfg.tune.search_space)
@@ -308,9 +321,30 @@ def write_study_outputs(cfg: RunConfig, run_dir: Path, grid) -> StudyResult:
     print(format_table(trials))
     print(f"best trial {best['trial_id']}: {metric}={best[f'best_{metric}']:.6g}  "
           + " ".join(f"{k}={best[k]}" for k in keys))
+    cost = write_study_cost(cfg, run_dir, trials, planned)
     print(f"best config:  {best_config}\nbest adapter: {best_adapter}\ntrials:       {run_dir / 'trials.csv'}\n"
           f"tensorboard:  tensorboard --logdir {run_dir / STUDY}")
-    return StudyResult(run_dir, trials, best, best_config, best_adapter)
+    return StudyResult(run_dir, trials, best, best_config, best_adapter, cost)
+
+
+def write_study_cost(cfg: RunConfig, run_dir: Path, trials: list[dict[str, Any]], planned: int | None
+                     ) -> dict[str, Any]:
+    """The trials' costs summed (each finished trial's metrics.json; a stopped one's time on its resources) and
+    what early stopping saved, into cost.json and one printed line."""
+    from orchestrator.reports.cost import study_cost
+
+    def trial_cost(tid: str) -> dict[str, Any] | None:
+        f = run_dir / "trials" / tid / "metrics.json"
+        return json.loads(f.read_text()).get("cost") if f.is_file() else None
+
+    cost = study_cost(cfg, [t | {"cost": trial_cost(t["trial_id"])} for t in trials],
+                      planned or max((t.get("step") or 0) for t in trials))
+    atomic_write_text(run_dir / "cost.json", json.dumps(cost, indent=2))
+    unit = "GPU-hours" if cfg.scaling.use_gpu else "CPU core-hours"
+    key = "gpu_hours" if cfg.scaling.use_gpu else "cpu_core_hours"
+    print(f"study cost: {cost[key]:.3f} {unit} (${cost['usd']:.2f}) over {cost['trials']} trials; early stopping "
+          f"({cost['stopped_early']} stopped) saved {cost['saved_' + key]:.3f} {unit} (${cost['saved_usd']:.2f})")
+    return cost
 
 
 def _write_table(run_dir: Path, trials: list[dict[str, Any]]) -> None:
@@ -333,6 +367,7 @@ def run_tune(config: str | Path, overrides: list[str] | None = None, resume: boo
     from orchestrator.data.base import ensure_model
 
     cfg = load_config(config, overrides)
+    check_study(cfg, resume)  # before Ray starts: nothing is written for a refused study
     ensure_model(cfg)  # built on first use, or a one-line error, before Ray starts
     init_ray(log_file=cfg.run_dir / "ray.log")
     return run_study(cfg, resume=resume)
