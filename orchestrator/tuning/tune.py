@@ -66,6 +66,7 @@ def trial_config(base: RunConfig, values: dict[str, Any], trial_dir: Path) -> Ru
     cfg = set_fields(base, {k: v for k, v in values.items() if k in base.tune.search_space})
     cfg.output_dir, cfg.name = str(trial_dir.parent), trial_dir.name
     cfg.train.checkpoint_metric, cfg.train.checkpoint_mode = cfg.tune.metric, cfg.tune.mode
+    cfg.train.score_examples = 0  # trials are compared on tune.metric; scoring the base again in each is waste
     return cfg
 
 
