@@ -1,7 +1,11 @@
 """Fault injection with figures: a training or study driver killed mid-run, then `--resume` (RELIABILITY.md).
 
-    python bench/faults.py driver-kill --repeats 3 [--kill-after-step 5] [--out bench/results/faults_driver_kill.json]
-    python bench/faults.py study-kill --repeats 2 [--out bench/results/faults_study_kill.json]
+    python bench/faults.py driver-kill --repeats 3 [--kill-after-step 5] [--signal kill|term] [--out ...]
+    python bench/faults.py study-kill --repeats 2 [--signal kill|term] [--out bench/results/faults_study_kill.json]
+
+--signal term sends SIGTERM (what Kubernetes and systemd send) to the driver alone instead of SIGKILL to its
+process group: the command must stop with exit 130 and print the command that continues it, and the resume
+runs that printed command as it is.
 
 study-kill: `orchestrator tune` (2 grid trials of 6 steps, one at a time, no early stopping) is killed the
 same way once its first trial's step 3 shows in ray.log, then `orchestrator tune ... --resume` continues the
@@ -24,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -39,18 +44,19 @@ SETS = {"model.tiny_pretrain_steps": 10, "data.qa.max_articles": 12, "data.max_s
         "train.keep_checkpoints": 2}
 
 
-def train(out: Path, model: Path, resume: bool = False, kill_after: int | None = None) -> dict:
+def train(out: Path, model: Path, resume: bool = False, kill_after: int | None = None, sig: str = "kill") -> dict:
     argv = [str(Path(sys.executable).parent / "orchestrator"), "train", str(ROOT / "configs/constitution-qa-tiny.yaml")]
     for k, v in {**SETS, "output_dir": out, "model.name_or_path": model}.items():  # one tiny base for all runs
         argv += ["--set", f"{k}={v}"]
     if resume:
         argv += ["--resume", str(out / "constitution-qa-tiny")]
-    return _run(argv, out, kill_after)
+    return _run(argv, out, kill_after, sig)
 
 
-def _run(argv: list[str], out: Path, kill_after: int | None) -> dict:
-    """Run a CLI command in its own process group; with ``kill_after``, SIGKILL the group once the rank-0
-    worker's line for that step shows in the run's ray.log."""
+def _run(argv: list[str], out: Path, kill_after: int | None, sig: str = "kill") -> dict:
+    """Run a CLI command in its own process group; with ``kill_after``, once the rank-0 worker's line for that
+    step shows in the run's ray.log, SIGKILL the group (``sig`` kill) or SIGTERM the driver (``sig`` term: its exit
+    code and the continue command it printed are recorded)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.time()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -66,23 +72,40 @@ def _run(argv: list[str], out: Path, kill_after: int | None) -> dict:
             steps = [int(m) for m in pattern.findall(log.read_text(errors="replace"))]
             seen = max(steps, default=0)
         time.sleep(0.2)
+    if sig == "term":
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=300)
+        last = text.strip().splitlines()[-1] if text.strip() else ""
+        return {"killed_after_step": seen, "wall_s": round(time.time() - t0, 1), "rc": proc.returncode,
+                "printed": last.replace(f"{ROOT}/", ""), "stack_dump": "*** SIG" in text}
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(2)
     return {"killed_after_step": seen, "wall_s": round(time.time() - t0, 1)}
 
 
+def resume_run(killed: dict, out: Path, again) -> dict:
+    """After SIGTERM, the printed continue command as it is; after SIGKILL, ``again()`` (the --resume command)."""
+    if "printed" not in killed:
+        return again()
+    line = killed["printed"]
+    if killed["rc"] != 130 or "continue with `" not in line:
+        return {"rc": None, "wall_s": 0.0, "console": f"no continue command after SIGTERM: {line}"}
+    cmd = shlex.split(line[line.index("`") + 1:line.rindex("`")])
+    return _run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], out, None)
+
+
 STUDY_SETS = {**SETS, "train.max_steps": 6, "tune.num_samples": 1, "tune.max_concurrent_trials": 1,
               "tune.scheduler": "none", "tune.search_space": '{"train.lr": {"type": "grid", "values": [0.003, 0.001]}}'}
 
 
-def tune(out: Path, model: Path, resume: bool = False, kill_after: int | None = None) -> dict:
+def tune(out: Path, model: Path, resume: bool = False, kill_after: int | None = None, sig: str = "kill") -> dict:
     argv = [str(Path(sys.executable).parent / "orchestrator"), "tune", str(ROOT / "configs/constitution-qa-tiny.yaml")]
     for k, v in {**STUDY_SETS, "output_dir": out, "model.name_or_path": model}.items():
         argv += ["--set", f"{k}={v}"]
     if resume:
         argv += ["--resume"]
-    return _run(argv, out, kill_after)
+    return _run(argv, out, kill_after, sig)
 
 
 def trials(out: Path) -> list[dict]:
@@ -98,8 +121,8 @@ def study_kill(args) -> dict:
     repeats = []
     for i in range(args.repeats):
         out = work / f"r{i}"
-        killed = tune(out, model, kill_after=3)
-        resumed = tune(out, model, resume=True)
+        killed = tune(out, model, kill_after=3, sig=args.signal)
+        resumed = resume_run(killed, out, lambda out=out: tune(out, model, resume=True))
         rec = {**killed, "resume_rc": resumed["rc"], "resume_wall_s": resumed["wall_s"]}
         if resumed["rc"] == 0:
             got = trials(out)
@@ -111,7 +134,7 @@ def study_kill(args) -> dict:
             rec["resume_console"] = resumed["console"]
         repeats.append(rec)
         print(json.dumps(rec), flush=True)
-    return {"command": "python bench/faults.py " + " ".join(sys.argv[1:]), "fault": "study driver SIGKILL",
+    return {"command": "python bench/faults.py " + " ".join(sys.argv[1:]), "fault": f"study driver SIG{args.signal.upper()}",
             "config": "configs/constitution-qa-tiny.yaml", "sets": STUDY_SETS, "clean_wall_s": clean["wall_s"],
             "clean_trials": list(ref.values()), "repeats": repeats,
             "resumed_ok": f"{sum(bool(r.get('all_complete')) for r in repeats)}/{len(repeats)}"}
@@ -137,8 +160,8 @@ def driver_kill(args) -> dict:
     repeats = []
     for i in range(args.repeats):
         out = work / f"r{i}"
-        killed = train(out, model, kill_after=args.kill_after_step)
-        resumed = train(out, model, resume=True)
+        killed = train(out, model, kill_after=args.kill_after_step, sig=args.signal)
+        resumed = resume_run(killed, out, lambda out=out: train(out, model, resume=True))
         rec = {**killed, "resume_rc": resumed["rc"], "resume_wall_s": resumed["wall_s"]}
         if resumed["rc"] == 0:
             hist = history(out)
@@ -155,7 +178,7 @@ def driver_kill(args) -> dict:
         repeats.append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "history_steps"}), flush=True)
     ok = [r for r in repeats if r.get("each_step_once")]
-    return {"command": "python bench/faults.py " + " ".join(sys.argv[1:]), "fault": "driver SIGKILL mid-training",
+    return {"command": "python bench/faults.py " + " ".join(sys.argv[1:]), "fault": f"driver SIG{args.signal.upper()} mid-training",
             "config": "configs/constitution-qa-tiny.yaml", "sets": SETS, "clean_wall_s": clean["wall_s"],
             "repeats": repeats, "resumed_ok": f"{len(ok)}/{len(repeats)}",
             "median_resume_wall_s": statistics.median(r["resume_wall_s"] for r in repeats)}
@@ -417,9 +440,11 @@ def main() -> None:
     d = sub.add_parser("driver-kill")
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--kill-after-step", type=int, default=5)
+    d.add_argument("--signal", choices=["kill", "term"], default="kill")
     d.add_argument("--out", default=str(ROOT / "bench/results/faults_driver_kill.json"))
     st = sub.add_parser("study-kill")
     st.add_argument("--repeats", type=int, default=2)
+    st.add_argument("--signal", choices=["kill", "term"], default="kill")
     st.add_argument("--out", default=str(ROOT / "bench/results/faults_study_kill.json"))
     ck = sub.add_parser("ckpt-kill")
     ck.add_argument("--repeats", type=int, default=3)

@@ -66,6 +66,15 @@ class Console:
         if self.handler not in root.handlers:
             root.addHandler(self.handler)
 
+    @contextlib.contextmanager
+    def library_prints(self):
+        """What a library prints to stdout inside the block (Ray Tune's experiment banner) goes to the log file."""
+        if self.file is None:
+            yield
+            return
+        with contextlib.redirect_stdout(self.file):
+            yield
+
     def native_stderr_to_file(self) -> None:
         """What native code writes to file descriptor 2 (Ray's core worker in this process, the processes it
         starts) goes to the log file; Python's ``sys.stderr`` (the project's errors, progress bars) moves to a

@@ -255,7 +255,8 @@ def run_study(cfg: RunConfig, resume: bool = False) -> StudyResult:
             run_config=TuneRunConfig(name=STUDY, storage_path=str(run_dir), callbacks=[ReleaseStoppedTrials(str(run_dir))],
                                      verbose=0 if console.file else 1,  # the quiet console: our table at the end
                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.trial_max_failures)))
-    grid = tuner.fit()
+    with console.library_prints():  # Tune prints its banner and results path whatever its verbosity
+        grid = tuner.fit()
     result = write_study_outputs(cfg, run_dir, grid, planned_steps(base, train_rows))
     tracking.end_study(study_tracking, run_dir, result.trials, result.best, cfg.tune.metric, result.cost)
     for line in tracking.where_to_look(run_dir):
