@@ -76,7 +76,7 @@ def _plan_args(p):
     p.add_argument("--tokens-per-s", type=positive, metavar="N", help="a stated throughput of one worker (tokens/s on its "
                    "GPU) instead of a measured probe (when none is attached)")
     p.add_argument("--gpu", help="with --tokens-per-s: the GPU it is for (its price), e.g. H100")
-    p.add_argument("--probe-steps", type=count(2), default=6, help="optimizer steps the probe times (default 6)")
+    p.add_argument("--probe-steps", type=count(5), default=6, help="optimizer steps the probe times (at least 5; default 6)")
 
 
 def _tune_args(p):

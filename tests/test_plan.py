@@ -20,11 +20,11 @@ def _sets(out, model) -> list[str]:
 
 def test_plan_times_a_probe_and_names_the_workers_for_a_deadline(ray_local, tmp_path, tiny_model_dir, capsys):
     cfg = str(ROOT / "configs/constitution-qa-tiny.yaml")
-    assert main(["plan", cfg, *_sets(tmp_path, tiny_model_dir), "--probe-steps", "4", "--deadline", "0.002"]) == 0
+    assert main(["plan", cfg, *_sets(tmp_path, tiny_model_dir), "--probe-steps", "5", "--deadline", "0.002"]) == 0
     printed = capsys.readouterr().out
     plan = json.loads((tmp_path / "constitution-qa-tiny-plan/plan.json").read_text())
     t = plan["timing"]
-    assert t["steps"] == 4 and t["device"] == "cpu" and t["step_s"] > 0 and t["tokens_per_s"] > 0
+    assert t["steps"] == 5 and t["device"] == "cpu" and t["step_s"] > 0 and t["tokens_per_s"] > 0
     assert t["eval_s"] > 0 and t["checkpoint_s"] > 0 and t["setup_s"] > 0
     rows = plan["by_workers"]
     assert [r["workers"] for r in rows][:3] == [1, 2, 4]
@@ -34,7 +34,7 @@ def test_plan_times_a_probe_and_names_the_workers_for_a_deadline(ray_local, tmp_
     assert plan["train_tokens"] > 0 and f"{plan['train_tokens']:,} tokens per epoch" in printed
     met = plan["meets_deadline"]
     assert met is None or met["wall_s"] <= 0.002 * 3600
-    assert "deadline 0.002 h:" in printed and "measured: 4 probe steps on cpu" in printed
+    assert "deadline 0.002 h:" in printed and "measured: 5 probe steps on cpu" in printed
     assert not list(tmp_path.glob("constitution-qa-tiny/train"))  # the probe ran in a scratch folder
 
     # a stated throughput instead of a probe: steps x tokens per step / tokens per second
@@ -72,3 +72,14 @@ def test_a_study_sums_its_trials_and_what_early_stopping_saved():
     # b ran 25 of 100 steps in 900 s on 2 GPUs: the 75 it did not run would have taken 2,700 s x 2 GPUs
     assert c["saved_gpu_hours"] == pytest.approx(1.5) and c["saved_usd"] == pytest.approx(3.0)
     assert c["stopped_early"] == 1 and c["trials"] == 2
+
+
+def test_the_probe_times_plain_steps_not_the_validation_windows():
+    """The recorder closes a validation step's window right after the step before it (~0 s) and the next window
+    holds the validation and the checkpoint: neither is a step's time, nor is the first (set-up)."""
+    from orchestrator.training.plan import plain_steps
+
+    hist = [{"step_time_s": 3.2}, {"step_time_s": 1.2}, {"step_time_s": 1.3},
+            {"step_time_s": 0.01, "eval_s": 2.1, "checkpoint_s": 0.1}, {"step_time_s": 4.4},
+            {"step_time_s": 0.01, "eval_s": 2.0}]
+    assert [h["step_time_s"] for h in plain_steps(hist)] == [1.2, 1.3]

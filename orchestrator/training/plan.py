@@ -29,29 +29,42 @@ WORKER_STEPS = (1, 2, 4, 8, 16, 32, 64, 128)  # multiples of the configured work
 
 
 def probe(cfg: RunConfig, prepared, steps: int) -> dict[str, Any]:
-    """Seconds per optimizer step (median after the first two), per validation and per checkpoint, and the
-    workers' set-up, from ``steps`` real steps of the run in a scratch folder (removed after)."""
+    """Seconds per optimizer step, per validation and per checkpoint, and the workers' set-up, from ``steps``
+    (at least 5) real steps of the run in a scratch folder (removed after): validations after step ``steps - 2``
+    and the last, so steps 2.. before the first are plain ones and the window after it times a validation."""
     from orchestrator.training.train import run_training
 
     scratch = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-plan-"))
     try:
-        half = max(1, steps // 2)  # two validations: the first one's checkpoint is timed in the history
-        pcfg = set_fields(cfg, {"output_dir": str(scratch), "name": "probe", "train.max_steps": 2 * half,
-                                "train.eval_every": half, "train.score_examples": 0, "train.profile_steps": None,
+        pcfg = set_fields(cfg, {"output_dir": str(scratch), "name": "probe", "train.max_steps": steps,
+                                "train.eval_every": steps - 2, "train.score_examples": 0, "train.profile_steps": None,
                                 "tracking.backends": []})
         hist = run_training(pcfg, prepared=prepared).history
         cost = json.loads((scratch / "probe" / "metrics.json").read_text())["cost"]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    # a step's window holds the previous step's validation and checkpoint: time the plain ones (not the first)
-    plain = [h for i, h in enumerate(hist) if i > 0 and "eval_s" not in hist[i - 1]] or hist
-    evals = [h["eval_s"] for h in hist if "eval_s" in h]
+    plain = plain_steps(hist)
+    step_s = statistics.median(h["step_time_s"] for h in plain)
     saves = [h["checkpoint_s"] for h in hist if "checkpoint_s" in h]
+    save_s = statistics.mean(saves) if saves else 0.0
+    # a validation costs what the window after it holds beyond a step: the validation itself, the checkpoint
+    # and its report to Ray Train
+    after = [h["step_time_s"] - step_s for i, h in enumerate(hist) if i > 0 and "eval_s" in hist[i - 1]]
+    evals = [h["eval_s"] for h in hist if "eval_s" in h]
+    eval_s = max(statistics.mean(after) - save_s if after else 0.0, statistics.mean(evals) if evals else 0.0)
     st = cost["stages"]
-    return {"steps": len(hist), "step_s": statistics.median(h["step_time_s"] for h in plain),
+    return {"steps": len(hist), "step_s": step_s,
             "tokens_per_s": sum(h["real_tokens"] for h in plain) / max(sum(h["step_time_s"] for h in plain), 1e-9),
-            "setup_s": st["setup_s"] + st["other_s"], "eval_s": statistics.mean(evals) if evals else 0.0,
-            "checkpoint_s": statistics.mean(saves) if saves else 0.0, "device": cost["device"]}
+            "setup_s": st["setup_s"] + st["other_s"], "eval_s": eval_s, "checkpoint_s": save_s,
+            "device": cost["device"]}
+
+
+def plain_steps(hist: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps whose window is one optimizer step alone: not the first (set-up), not a validation step (the
+    recorder closes its window right after the step before it, so it reads ~0 s) and not the step after one (its
+    window holds the validation and the checkpoint)."""
+    plain = [h for i, h in enumerate(hist) if i > 0 and "eval_s" not in h and "eval_s" not in hist[i - 1]]
+    return plain or hist[1:] or hist
 
 
 def estimate(cfg: RunConfig, train_rows: int, tokens_per_row: float, timing: dict[str, Any], workers: int
