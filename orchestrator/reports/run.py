@@ -101,6 +101,13 @@ SCORE_NAMES = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": 
                "token_weighted_f1": "token-level weighted F1"}
 
 
+def before_after_sentence(r: dict[str, Any]) -> str:
+    """The headline of a before/after scoring in one sentence (model card, pipeline report)."""
+    key = r["metric"]
+    return (f"Validation {key.replace('_', ' ')} on {r['examples']} held-out examples: base {r['base'][key]:.3f}, "
+            f"fine-tuned {r['finetuned'][key]:.3f} ({r['gain']:+.3f})")
+
+
 def before_after_section(r: dict[str, Any] | None) -> str:
     """The base and the fine-tuned model side by side on the same validation rows (Markdown)."""
     if not r:

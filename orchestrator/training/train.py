@@ -118,8 +118,7 @@ class ResourceWatch:
             asked = f"{s.num_workers} workers x ({s.cpus_per_worker:g} CPU" + (
                 f" + {s.gpus_per_worker:g} GPU)" if s.use_gpu else ")")
             print(f"waiting for resources: the run asks for {asked}; the cluster has {have.get('CPU', 0):g} CPUs"
-                  f"{gpus} "
-                  "(an autoscaler may add nodes; Ctrl-C stops)", flush=True)
+                  f"{gpus} (an autoscaler may add nodes; Ctrl-C stops)", flush=True)
 
 
 def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
