@@ -29,7 +29,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from orchestrator.core.config import load_config
-    from orchestrator.data.base import base_corpus, document_articles, ensure_base_model
+    from orchestrator.data.base import document_articles, ensure_base_model
     from orchestrator.data.pipelines import qa_pairs
     from orchestrator.data.splits import split_for
     from orchestrator.reports.scores import exact_match, rouge_l, token_f1
@@ -42,9 +42,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(args.out).to(device).eval()
     tok = AutoTokenizer.from_pretrained(args.out)
-    _, train, _ = base_corpus(cfg)
     arts = [row for pdf in cfg.data.train for row in document_articles(pdf)[1]]
-    val = split_for(cfg, qa_pairs(cfg, arts))["validation"]
+    splits = split_for(cfg, qa_pairs(cfg, arts))
+    train, val = splits["train"], splits["validation"]
     result = {"steps": args.steps, "build": build, "build_seconds": round(time.perf_counter() - t0, 1)}
     for name, rows in (("train", train[: args.limit]), ("validation", val[: args.limit])):
         preds = generate_answers(model, tok, cfg, [r["question"] for r in rows], device, max_new_tokens=200)

@@ -19,9 +19,9 @@ def test_pretraining_lowers_the_loss_on_corpus_text(constitution_pages):
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5  # 6.7 -> 5.2 when measured
 
 
-def test_the_shipped_base_learnt_the_training_split_and_nothing_held_out(ray_local):
-    """The shipped base's QA pairs are exactly the fine-tune's training split (same rules, same seeded split),
-    and its build record matches the data shipped beside it (a change to the rules shows here)."""
+def test_the_shipped_base_learnt_the_document_and_no_questions(ray_local):
+    """The shipped base was pre-trained on the constitution's articles only: no QA pair of any split (the demo's
+    fine-tune is what teaches it to answer), and its build record matches the data shipped beside it."""
     import hashlib
     import json
 
@@ -32,15 +32,20 @@ def test_the_shipped_base_learnt_the_training_split_and_nothing_held_out(ray_loc
     from .conftest import ROOT
 
     cfg = load_config(ROOT / "configs/constitution-qa-tiny.yaml", [])
-    texts, qa, record = base_corpus(cfg)
-    raw, _, _ = causal_lm_rows(cfg)
-    assert qa == raw["train"] and len(texts) == 240
-    held = {(r["question"], r["answer"]) for r in raw["validation"] + raw["test"]}
-    assert not held & {(r["question"], r["answer"]) for r in qa}
+    assert not cfg.model.tiny_pretrain_qa
+    texts, documents, qa, record = base_corpus(cfg)
+    _, _, n_articles = causal_lm_rows(cfg)
+    assert qa == [] and len(texts) == 240 and n_articles == 308
+    assert sum(d.split("\n")[1].startswith("Article ") for d in documents if d.startswith("Part ")) == 308
+    assert any(d.startswith("Part 3: Fundamental Rights and Duties\nArticle 16: Right to live with dignity\n(1) Every")
+               for d in documents)
+    assert "Article 16 (Right to live with dignity), clause (2):\nNo law shall be made providing for the death " \
+           "penalty to any one." in documents
 
     build = json.loads((ROOT / cfg.model.name_or_path / "build.json").read_text())
     pdf = ROOT / "data/constitution/constitution-of-nepal-2015-en.pdf"
-    assert build["data"] == record["data"]
+    assert build["data"] == record["data"] and build["pretraining"]["qa_pairs"] == 0
+    assert build["pretraining"]["texts"] == len(documents)
     assert build["data"]["documents"][0]["sha256"] == hashlib.sha256(pdf.read_bytes()).hexdigest()
     assert build["pretraining"]["steps"] == cfg.model.tiny_pretrain_steps
     assert build["pretraining"]["final_loss"] < 0.2 < 8 < build["pretraining"]["first_loss"]

@@ -49,13 +49,14 @@ class ModelConfig(_Strict):
     )
     tiny_pretrain_steps: int = Field(
         300, ge=0,
-        description="Full-parameter causal-LM pre-training steps on the corpus text when the tiny model is "
-        "built, so QLoRA adapts a model that already models the text (0 keeps random weights).",
+        description="Full-parameter causal-LM pre-training steps on the corpus text (one document per article) "
+        "when the tiny model is built, so QLoRA adapts a model that already knows the text (0 keeps random weights).",
     )
     tiny_pretrain_qa: bool = Field(
-        True,
+        False,
         description="Pre-train the tiny model on the training split's QA pairs too (chat-formatted, as the "
-        "fine-tune sees them), beside the corpus text; validation and test pairs are never seen.",
+        "fine-tune sees them), beside the corpus text; validation and test pairs are never seen. Off: the base "
+        "knows the document but was never asked a question, so the fine-tune's value shows.",
     )
     trust_remote_code: bool = False
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = "sdpa"

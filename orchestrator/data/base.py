@@ -3,7 +3,8 @@
 ``ensure_model`` is every verb's first step: the embedded tiny Llama (``model.build_tiny: true``) is built on
 first use, any other local path must hold a model. The embedded base is made of the data it will be tuned
 on: a byte-level BPE tokenizer trained on the corpus's cleaned PDF pages, then full-parameter pre-training
-on that text (and, with ``model.tiny_pretrain_qa``, the training split's QA pairs). It is saved with
+on that text, one document per article as the data stage segments it (and, with ``model.tiny_pretrain_qa``,
+the training split's QA pairs). It is saved with
 ``save_pretrained`` and loaded through the same ``from_pretrained`` path a hub model takes, so the tiny
 configs exercise the real loading code without any download.
 """
@@ -69,10 +70,10 @@ def build_tiny_llama(out_dir: str | Path, texts: list[str], vocab_size: int = 40
                      max_positions: int = 2048, seed: int = 0, force: bool = False,
                      pretrain_steps: int = 0, qa_pairs: list[dict] | None = None,
                      record: dict | None = None, chat_template: str = "auto",
-                     system_prompt: str | None = None) -> Path:
+                     system_prompt: str | None = None, documents: list[str] | None = None) -> Path:
     """Build (once) the tiny Llama-architecture base model, with a tokenizer trained on ``texts``,
-    optionally pre-trained for ``pretrain_steps`` on the texts and the chat-formatted ``qa_pairs``.
-    ``build.json`` beside the weights records what it was built from and how the loss went."""
+    optionally pre-trained for ``pretrain_steps`` on ``documents`` (default: the texts) and the chat-formatted
+    ``qa_pairs``. ``build.json`` beside the weights records what it was built from and how the loss went."""
     import json
     import platform
     import time
@@ -93,14 +94,15 @@ def build_tiny_llama(out_dir: str | Path, texts: list[str], vocab_size: int = 40
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                       tie_word_embeddings=False, rms_norm_eps=1e-5)
     model = LlamaForCausalLM(cfg)
-    docs = list(texts) + [qa_document(tokenizer, q, chat_template, system_prompt) for q in qa_pairs or []]
+    text_docs = list(texts if documents is None else documents)
+    docs = text_docs + [qa_document(tokenizer, q, chat_template, system_prompt) for q in qa_pairs or []]
     losses = pretrain(model, tokenizer, docs, pretrain_steps, seed=seed) if pretrain_steps else []
     n = sum(p.numel() for p in model.parameters())
     build = {
         **(record or {}),
         "architecture": {"hidden": hidden, "layers": layers, "heads": heads, "intermediate": intermediate,
                          "vocab": len(tokenizer), "parameters": n},
-        "pretraining": {"steps": pretrain_steps, "texts": len(texts), "qa_pairs": len(qa_pairs or []),
+        "pretraining": {"steps": pretrain_steps, "texts": len(text_docs), "qa_pairs": len(qa_pairs or []),
                         "first_loss": round(losses[0], 4) if losses else None,
                         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4) if losses else None,
                         "seed": seed},
@@ -189,17 +191,32 @@ def document_articles(pdf: str | Path) -> tuple[list[str], list[dict]]:
     return pages, sorted((a.to_row() for a in rows), key=lambda r: r["number"])
 
 
-def base_corpus(cfg) -> tuple[list[str], list[dict], dict]:
-    """What the embedded base learns from: the cleaned pages of the config's PDFs and, with
-    ``model.tiny_pretrain_qa``, the QA pairs of the fine-tune's training split (the same seeded split;
-    validation and test pairs are never seen). Also the record of those sources for ``build.json``."""
+def article_documents(row: dict) -> list[str]:
+    """One article as the base reads it in pre-training: the article whole (its part, number and title, then
+    its text on one line: the segmenter's reading of the PDF, page breaks and running heads gone), then each
+    clause and sub-clause under its full reference, so the base knows where each provision sits."""
+    n, title = row["number"], row["title"]
+    part = f"Part {row['part_number']}: {row['part_title']}\n" if row.get("part_title") else ""
+    docs = [f"{part}Article {n}: {title}\n{row['text']}"]
+    for c in row.get("clauses") or []:
+        where = f"Article {n} ({title}), clause ({c['number']})"
+        docs += [f"{where}:\n{c['text']}"] if c["text"] else []
+        docs += [f"{where}, sub-clause ({letter}):\n{text}" for letter, text in c.get("subclauses") or [] if text]
+    return docs
+
+
+def base_corpus(cfg) -> tuple[list[str], list[str], list[dict], dict]:
+    """What the embedded base learns from: the cleaned pages of the config's PDFs (its tokenizer's text), the
+    pre-training documents (:func:`article_documents`) and, with ``model.tiny_pretrain_qa``,
+    the QA pairs of the fine-tune's training split (the same seeded split; validation and test pairs are never
+    seen). Also the record of those sources for ``build.json``."""
     import hashlib
 
     if cfg.data.format == "qa_jsonl":
         from orchestrator.data.qa import read_qa_jsonl
 
         texts = [f"{r['question']}\n{r['answer']}" for p in cfg.data.train for r in read_qa_jsonl(p)]
-        return texts, [], {"data": {"qa_jsonl": [str(p) for p in cfg.data.train]}}
+        return texts, texts, [], {"data": {"qa_jsonl": [str(p) for p in cfg.data.train]}}
     if cfg.data.format != "pdf":
         raise ValueError(f"model.build_tiny builds a causal LM; data.format={cfg.data.format} is not text")
     from orchestrator.data.pipelines import qa_pairs
@@ -213,9 +230,10 @@ def base_corpus(cfg) -> tuple[list[str], list[dict], dict]:
         docs.append({"path": Path(p).name, "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest(),
                      "pages": len(pages), "articles": len(rows)})
     qa = cap_splits(cfg, split_for(cfg, qa_pairs(cfg, articles)))["train"] if cfg.model.tiny_pretrain_qa else []
-    record = {"data": {"documents": docs, "qa": {"kind": cfg.data.qa.kind, "split": "train",
-                                                 "split_seed": cfg.data.split_seed, "pairs": len(qa)}}}
-    return texts, qa, record
+    record = {"data": {"documents": docs, "pretraining_text": "articles",
+                       "qa": {"kind": cfg.data.qa.kind, "split": "train", "split_seed": cfg.data.split_seed,
+                              "pairs": len(qa)}}}
+    return texts, [d for a in articles for d in article_documents(a)], qa, record
 
 
 def check_build_target(path: Path) -> None:
@@ -236,9 +254,11 @@ def ensure_base_model(cfg, force: bool = False) -> None:
     if (path / "config.json").exists() and not force:
         return
     check_build_target(path)
-    texts, qa, record = base_corpus(cfg)
-    log.info("building the tiny base model at %s (tokenizer trained on %d texts, %d QA pairs)", path, len(texts), len(qa))
+    texts, documents, qa, record = base_corpus(cfg)
+    log.info("building the tiny base model at %s (tokenizer trained on %d texts; %d documents, %d QA pairs)",
+             path, len(texts), len(documents), len(qa))
     build_tiny_llama(path, texts, pretrain_steps=cfg.model.tiny_pretrain_steps, force=force, qa_pairs=qa,
+                     documents=documents,
                      record=record, chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
 
 
