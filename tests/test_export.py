@@ -1,5 +1,5 @@
 """GGUF export, checked by an independent implementation: llama.cpp itself (the xllamacpp wheel) loads each file,
-tokenizes like the transformers tokenizer, and its greedy tokens agree with the merged transformers model's."""
+tokenizes like the transformers tokenizer, and its greedy next tokens agree with the merged transformers model's."""
 
 from __future__ import annotations
 
@@ -13,30 +13,45 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "models" / "constitution-tiny-llama"
 CONFIG = ROOT / "configs" / "constitution-qa-tiny.yaml"
-# q8_0 must agree on >= 90% of greedy positions (the issue's bar); q4_k_m is reported, with a floor that only
-# a broken quantizer or tensor layout would miss.
-FLOOR = {"f16": 0.9, "q8_0": 0.9, "q4_k_m": 0.5}
+# llama.cpp's greedy next token after the prompt and each prefix of the merged model's greedy continuation
+# (teacher-forced: a free run shifts every later position after one near-tie; on this fixture q4_k_m agrees
+# 96% teacher-forced but 48% free-running, measured). q8_0 must agree on >= 90% (the issue's bar); q4_k_m's
+# floor is one only a broken quantizer or tensor layout would miss.
+FLOOR = {"f16": 0.97, "q8_0": 0.95, "q4_k_m": 0.85}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run dir with a LoRA adapter on the shipped constitution base: B small and non-zero (as after a short
-    training), so the merge changes every projection. (A random B ten times larger, std 0.02, turns the model's
-    greedy choices into near-ties: there f16 still agrees 100% but q8_0 84%, measured.)"""
+def run_dir(tmp_path_factory, articles):
+    """A run dir with a LoRA adapter on the shipped constitution base after a short real training: 40 AdamW
+    steps on chat-formatted training-split QA pairs (7 s), so the merge changes every projection and the model
+    answers in the chat format. (The base alone never saw that format; with a random small B its greedy
+    choices on chat prompts are near-ties, where f16 still agrees 100% but q8_0 86%, measured.)"""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from orchestrator.core.config import load_config
+    from orchestrator.data.base import qa_document
+    from orchestrator.data.pipelines import qa_pairs
+    from orchestrator.data.splits import split_for
+
     run = tmp_path_factory.mktemp("export") / "constitution-qa-tiny"
+    cfg = load_config(CONFIG, [])
+    pairs = split_for(cfg, qa_pairs(cfg, [a.to_row() for a in articles]))["train"]
+    tok = AutoTokenizer.from_pretrained(BASE)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.005)
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=3e-3)
+    peft.train()
+    for step in range(40):
+        docs = [qa_document(tok, pairs[(step * 8 + i) % len(pairs)]) for i in range(8)]
+        enc = tok(docs, return_tensors="pt", padding=True, truncation=True, max_length=128, add_special_tokens=False)
+        peft(**enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)).loss.backward()
+        opt.step()
+        opt.zero_grad()
     peft.save_pretrained(run / "adapter")
-    AutoTokenizer.from_pretrained(BASE).save_pretrained(run / "adapter")
+    tok.save_pretrained(run / "adapter")
     return run
 
 
@@ -68,8 +83,9 @@ def test_gguf_loads_in_llama_cpp_and_agrees_with_the_merged_model(run_dir, heldo
     assert path == run_dir / "gguf" / f"constitution-qa-tiny-{quant}.gguf" and path.stat().st_size == r["bytes"]
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary file left behind
     check = r["llama_cpp"]
-    assert check["prompts"] == 6 and check["greedy_agreement"] >= FLOOR[quant], check
-    print(f"{quant}: llama.cpp greedy agreement {check['greedy_agreement']:.3f}, {r['bytes'] / 2**20:.1f} MiB")
+    assert check["prompts"] == 6 and check["next_token_agreement"] >= FLOOR[quant], check
+    print(f"{quant}: llama.cpp next-token agreement {check['next_token_agreement']:.3f}, greedy "
+          f"{check['greedy_agreement']:.3f}, {r['bytes'] / 2**20:.1f} MiB")
 
     meta = gguf.GGUFReader(str(path))
     field = lambda k: meta.fields[k].contents()  # noqa: E731
@@ -179,7 +195,7 @@ def family_config(kind: str, vocab: int, tok):
 def test_each_family_exports_and_llama_cpp_agrees(family, tmp_path, constitution_pages):
     """A tiny model of each family, pre-trained 200 steps on the constitution (random weights make every greedy
     choice a near-tie), with a LoRA adapter: its q8_0 file loads in llama.cpp under the family's own architecture
-    and llama.cpp's greedy tokens agree with the merged model on >= 90% of positions."""
+    and llama.cpp's greedy next token agrees with the merged model's on >= 90% of positions."""
     import gguf
     import torch
     from peft import LoraConfig, get_peft_model
@@ -212,7 +228,7 @@ def test_each_family_exports_and_llama_cpp_agrees(family, tmp_path, constitution
     rows = [{"question": q, "answer": ""} for q in FAMILY_QUESTIONS]
     r = export_gguf(cfg, tmp_path / "run" / "adapter", "q8_0", check=12, rows=rows)
     assert r["architecture"] == {"llama3": "llama"}.get(family, family)
-    assert r["llama_cpp"]["greedy_agreement"] >= 0.9, r["llama_cpp"]
+    assert r["llama_cpp"]["next_token_agreement"] >= 0.9, r["llama_cpp"]
     meta = gguf.GGUFReader(r["path"])
     names = {t.name for t in meta.tensors}
     if family == "llama3":

@@ -8,14 +8,17 @@ beside its final name and renamed into place. ``f16`` and ``q8_0`` are written b
 own Python writer and reference quantizer); ``q4_k_m`` uses llama.cpp's C quantizer from the ``xllamacpp``
 wheel (Q4_K, with Q6_K for the output and for half of the value and down projections, as llama.cpp's
 Q4_K_M does). When llama.cpp is importable the file is then loaded by it and its greedy tokens are compared
-with the merged transformers model's on held-out prompts; ``export.json`` and the card record the result.
+with the merged transformers model's on held-out prompts, free-running and teacher-forced; ``export.json``
+and the card record the result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -329,9 +332,11 @@ def hf_greedy(model, prompts: list[list[int]], n: int) -> list[list[int]]:
     return out
 
 
-def llama_cpp_greedy(path: Path, prompts: list[list[int]], n: int, n_ctx: int = 1024) -> list[list[int]]:
-    """Greedy continuations by llama.cpp itself (the xllamacpp wheel's embedded server, asked over its
-    native ``/completion`` endpoint on 127.0.0.1, which returns token ids), end of sequence ignored."""
+@contextlib.contextmanager
+def llama_cpp(path: Path, n_ctx: int = 1024) -> Iterator[Callable[[list[int], int], list[int]]]:
+    """llama.cpp itself serving ``path`` (the xllamacpp wheel's embedded server on 127.0.0.1), as a function
+    ``complete(token_ids, n)`` giving its ``n`` greedy next token ids (native ``/completion``, end of sequence
+    ignored)."""
     import httpx
     import xllamacpp
 
@@ -341,18 +346,31 @@ def llama_cpp_greedy(path: Path, prompts: list[list[int]], n: int, n_ctx: int = 
     params.n_parallel = 1
     server = xllamacpp.Server(params)
     url = server.listening_address.rstrip("/") + "/completion"
-    out = []
+
+    def complete(ids: list[int], n: int) -> list[int]:
+        r = httpx.post(url, json={"prompt": ids, "n_predict": n, "temperature": 0.0, "ignore_eos": True,
+                                  "return_tokens": True, "cache_prompt": True}, timeout=120)
+        if r.status_code != 200 or "tokens" not in r.json():
+            raise RuntimeError(f"llama.cpp could not complete a prompt from {path}: HTTP {r.status_code} "
+                               f"{r.text[:200]}")
+        return list(r.json()["tokens"])
+
     try:
-        for ids in prompts:
-            r = httpx.post(url, json={"prompt": ids, "n_predict": n, "temperature": 0.0, "ignore_eos": True,
-                                      "return_tokens": True, "cache_prompt": False}, timeout=120)
-            if r.status_code != 200 or "tokens" not in r.json():
-                raise RuntimeError(f"llama.cpp could not complete a prompt from {path}: HTTP {r.status_code} "
-                                   f"{r.text[:200]}")
-            out.append(list(r.json()["tokens"]))
+        yield complete
     finally:
         del server
-    return out
+
+
+def llama_cpp_check(path: Path, prompts: list[list[int]], ref: list[list[int]]) -> dict[str, Any]:
+    """llama.cpp against the merged model's greedy continuations ``ref``: free-running (its own greedy tokens,
+    compared position by position, so one near-tie shifts the rest) and teacher-forced (its greedy next token
+    after the prompt and each prefix of ``ref``, as llama.cpp's KL-divergence tool counts "same top")."""
+    n = max(map(len, ref), default=0)
+    with llama_cpp(path, n_ctx=max(map(len, prompts), default=0) + n + 8) as complete:
+        free = [complete(ids, n) for ids in prompts]
+        forced = [[complete(ids + r[:k], 1)[0] for k in range(len(r))] for ids, r in zip(prompts, ref, strict=True)]
+    return {"prompts": len(prompts), "new_tokens": n, "greedy_agreement": agreement(ref, free),
+            "next_token_agreement": agreement(ref, forced)}
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -397,9 +415,7 @@ def export_gguf(cfg: RunConfig, adapter: str | Path, quant: Quant = "q8_0", out:
     if check:
         if _has("xllamacpp"):
             prompts = prompts_for(cfg, tokenizer, rows if rows is not None else heldout_rows(cfg), check)
-            ref, got = hf_greedy(model, prompts, new_tokens), llama_cpp_greedy(path, prompts, new_tokens)
-            result["llama_cpp"] = {"prompts": len(prompts), "new_tokens": new_tokens,
-                                   "greedy_agreement": agreement(ref, got)}
+            result["llama_cpp"] = llama_cpp_check(path, prompts, hf_greedy(model, prompts, new_tokens))
         else:
             result["llama_cpp"] = {"skipped": f"xllamacpp is not installed ({EXTRA})"}
     atomic_write_text(path.with_suffix(".json"), json.dumps(result, indent=2))
@@ -421,8 +437,8 @@ def _card_line(folder: Path, r: dict[str, Any]) -> None:
     lines = [x for x in lines if not x.startswith(f"- `{r['file']}`")]
     check = r.get("llama_cpp", {})
     agree = (f"; llama.cpp greedy tokens agree with the merged transformers model on "
-             f"{check['greedy_agreement']:.1%} of {check['prompts'] * check['new_tokens']} positions"
-             if "greedy_agreement" in check else "")
+             f"{check['greedy_agreement']:.1%} of {check['prompts'] * check['new_tokens']} positions, its next "
+             f"token after the same prefix on {check['next_token_agreement']:.1%}" if "greedy_agreement" in check else "")
     lines.append(f"- `{r['file']}`: quantization {r['quant']}, {r['bytes'] / 2**20:.1f} MiB{agree}")
     atomic_write_text(card, "\n".join(lines) + "\n")
 
@@ -435,7 +451,8 @@ def run_export(config: str | Path, adapter: str | Path, overrides: list[str] | N
     cfg, adapter = open_adapter(config, adapter, overrides)  # the base built or checked before Ray starts
     quiet(adapter.parent / "ray.log")  # the libraries' output to the run's log file (-v: here)
     r = export_gguf(cfg, adapter, quant, out, check)
-    agree = r.get("llama_cpp", {}).get("greedy_agreement")
+    check = r.get("llama_cpp", {})
     print(f"gguf: {r['path']} ({r['quant']}, {r['bytes'] / 2**20:.1f} MiB)"
-          + (f"; llama.cpp greedy agreement {agree:.1%}" if agree is not None else ""))
+          + (f"; llama.cpp greedy agreement {check['greedy_agreement']:.1%}, next token "
+             f"{check['next_token_agreement']:.1%}" if "greedy_agreement" in check else ""))
     return r
