@@ -24,15 +24,27 @@ from serve.gateway import GatewayDeployment
 from serve.generator import MAX_ADAPTERS_PER_REPLICA, TextGenerator
 from serve.schemas import AppArgs, ModelSpec
 
-__all__ = ["MAX_ADAPTERS_PER_REPLICA", "ModelSpec", "TextGenerator", "EntityExtractor", "build_app"]
+__all__ = ["FAST_PATH", "MAX_ADAPTERS_PER_REPLICA", "ModelSpec", "TextGenerator", "EntityExtractor", "build_app"]
+
+# Ray Serve's leaner request path, set in each replica's environment (part of what RAY_SERVE_THROUGHPUT_OPTIMIZED
+# turns on, without its direct ingress): calls between deployments go by value over gRPC instead of through Ray
+# object references, and user code and the router run on the replica's own event loop instead of a thread of
+# their own. A streamed answer's items then cost the model replica less of the GIL that its decode thread needs
+# (BENCHMARKS.md: serving as users meet it).
+FAST_PATH = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
-def _options(spec: ModelSpec) -> dict[str, Any]:
+def _env(fast: bool) -> dict[str, Any]:
+    return {"runtime_env": {"env_vars": FAST_PATH}} if fast else {}
+
+
+def _options(spec: ModelSpec, fast: bool) -> dict[str, Any]:
     auto = dict(spec.autoscaling)
     return {"name": f"{'TextGenerator' if spec.task == 'causal_lm' else 'EntityExtractor'}-{spec.name}",
             "max_ongoing_requests": spec.max_ongoing_requests, "max_queued_requests": spec.max_queued_requests,
             "autoscaling_config": auto, "health_check_period_s": 10, "health_check_timeout_s": 30,
-            "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}}
+            "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, **_env(fast)}}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -41,10 +53,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     routes, tasks, multiplexed = {}, {}, {}
     for spec in parsed.models:
         cls = TextGenerator if spec.task == "causal_lm" else EntityExtractor
-        dep = serve.deployment(cls).options(**_options(spec)).bind(spec.model_dump())
+        dep = serve.deployment(cls).options(**_options(spec, parsed.fast_path)).bind(spec.model_dump())
         routes[spec.name], tasks[spec.name] = dep, spec.task  # the merged model, or the adapters' base itself
         for served in spec.adapters:
             if served in routes:
                 raise ValueError(f"model {spec.name}: adapter name {served!r} is also another model's name")
             routes[served], tasks[served], multiplexed[served] = dep, spec.task, served
-    return GatewayDeployment.bind(routes, tasks, multiplexed, parsed.auth_token_env)
+    gateway = GatewayDeployment.options(ray_actor_options={"num_cpus": 0, **_env(parsed.fast_path)})
+    return gateway.bind(routes, tasks, multiplexed, parsed.auth_token_env)

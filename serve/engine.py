@@ -133,7 +133,7 @@ class Engine:
                  block_size: int | None = None, gpu_memory_utilization: float = 0.9, prefill_chunk: int = 512,
                  max_prefill: int = 2048, cuda_graphs: bool | None = None, use_kernels: bool | None = None,
                  batch_invariant: bool = False, prefix_caching: bool = True, adapters: dict[str, str] | None = None,
-                 max_adapters: int = 8, stream_interval: float = 0.0):
+                 max_adapters: int = 8, stream_interval: float = 0.0, stream_items_per_s: float = 0.0):
         self.fam = describe(model)
         self.tokenizer, self.eos = tokenizer, set(_eos_ids(model, tokenizer))
         self.max_seqs, self.max_len = max_seqs, max_len
@@ -147,7 +147,8 @@ class Engine:
         self.block_size = block_size or (32 if self.kernels else max_len)
         self.prefill_chunk, self.max_prefill = prefill_chunk, max(max_prefill, prefill_chunk)
         self.max_tokens_step = max(max_seqs + prefill_chunk, self.max_prefill) if self.graphs_on else 1 << 30
-        self.stream_interval = stream_interval
+        self.stream_interval, self.stream_rate = stream_interval, stream_items_per_s
+        self.interval = stream_interval  # this hand-out's: the floor, or longer when many sequences stream
         self.adapters: AdapterPool | None = None
         self.adapter_slots = max_adapters if adapters else 0
         sizing = num_blocks or (self._fit_blocks(model, gpu_memory_utilization) if self.device.type == "cuda"
@@ -612,6 +613,9 @@ class Engine:
             self.waited += time.perf_counter() - t0
         tokens = host.tolist() if host is not None else []
         now = time.perf_counter()
+        # every stream's items together stay within stream_items_per_s (each item costs the server's event loop
+        # and its Ray hops about the same, however many tokens it carries)
+        self.interval = max(self.stream_interval, len(self.running) / self.stream_rate if self.stream_rate else 0.0)
         for seq, tok in zip(samplers, tokens, strict=True):
             if seq.done:
                 continue
@@ -633,7 +637,7 @@ class Engine:
                 self._release(seq)
 
     def _detokenize(self, seq: Sequence, now: float) -> str | None:
-        """Incremental detokenization, stop strings, and the text handed out (at most every ``stream_interval``
+        """Incremental detokenization, stop strings, and the text handed out (at most every ``self.interval``
         seconds after the first piece); a tail that could begin a stop string is held back. Returns "stop" when a
         stop string completed."""
         piece = self._piece(seq)
@@ -651,7 +655,7 @@ class Engine:
                 seq.emit({"text": seq.text[seq.sent:cut]})
             seq.sent = cut
             return "stop"
-        if seq.sent and now - seq.last_emit < self.stream_interval:
+        if seq.sent and now - seq.last_emit < self.interval:
             return None
         hold = max((len(s) - 1 for s in stops), default=0) if stops else 0
         upto = max(seq.sent, len(seq.text) - hold)

@@ -179,7 +179,8 @@ class TextGenerator:
                           cuda_graphs=spec.cuda_graphs and gpu, use_kernels=None if spec.kernels else False,
                           batch_invariant=spec.batch_invariant, prefix_caching=spec.prefix_caching,
                           adapters=spec.adapters or None, max_adapters=spec.max_adapters,
-                          stream_interval=spec.stream_interval_ms / 1000)
+                          stream_interval=spec.stream_interval_ms / 1000,
+                          stream_items_per_s=spec.stream_items_per_s)
         except EngineUnsupported as e:
             logging.getLogger(__name__).warning("model %s: %s; serving through generate", spec.name, e)
             return None

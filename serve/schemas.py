@@ -41,6 +41,8 @@ class ModelSpec(BaseModel):
     prefix_caching: bool = True
     stream_interval_ms: float = Field(20.0, ge=0, description="a stream's text goes out at most this often "
                                       "after its first piece (fewer, larger stream items under load)")
+    stream_items_per_s: float = Field(1000.0, ge=0, description="stream items per second, all streams together "
+                                      "(0: no budget)")
     batch_invariant: bool = Field(False, description="greedy tokens independent of the rest of the batch")
     max_adapters: int = Field(8, ge=1, description="adapters resident on the device at once")
     autoscaling: dict[str, Any] = Field(default_factory=lambda: {"min_replicas": 1, "max_replicas": 1})
@@ -63,6 +65,7 @@ class AppArgs(BaseModel):
 
     models: list[ModelSpec] = Field(min_length=1)
     auth_token_env: str | None = None
+    fast_path: bool = True
 
 
 # ---------------------------------------------------------------- requests

@@ -113,6 +113,30 @@ def test_eos_max_tokens_and_stop_end_requests_exactly(lm, engine):
     assert stop not in res["text"] and len(seq.tokens) < 20
 
 
+def test_stream_items_stay_within_the_replica_budget_and_carry_the_same_text(lm):
+    """stream_items_per_s spreads one budget over the running streams: each gets fewer, larger items, first piece
+    at once, and the same text as a stream with an item per token."""
+    model, tok = lm
+    texts, counts = {}, {}
+    for budget in (0.0, 4.0):
+        engine = Engine(model, tok, max_seqs=4, max_len=128, stream_items_per_s=budget)
+        engine.eos = set()
+        try:
+            t0 = time.perf_counter()
+            runs = [run(engine, p, Sampling(max_tokens=32)) for p in prompts(tok, 4)]
+            results = [c.result() for _, c in runs]
+            elapsed = time.perf_counter() - t0
+        finally:
+            engine.shutdown()
+        texts[budget] = [r["text"] for r in results]
+        counts[budget] = [sum("text" in e for e in c.events) for _, c in runs]
+        assert all(c.events[0].get("text") for _, c in runs)  # the first piece is not held back
+    assert texts[4.0] == texts[0.0]
+    assert min(counts[0.0]) >= 16, counts  # one item per token (whole characters) without a budget
+    # items at least 1/4 s apart (with one stream left; 1 s while four run), plus the first and the last flush
+    assert max(counts[4.0]) <= 2 + elapsed * 4, (counts, elapsed)
+
+
 def test_cancel_frees_the_slot_and_no_request_waits_forever(lm):
     model, tok = lm
     engine = Engine(model, tok, max_seqs=4, max_len=2048)

@@ -305,6 +305,10 @@ class ServeConfig(_Strict):
     stream_interval_ms: float = Field(
         20.0, ge=0, description="A stream's text goes out at most this often after its first piece: under load "
         "each stream item carries several tokens instead of one (0: every token).")
+    stream_items_per_s: float = Field(
+        1000.0, ge=0, description="Stream items one replica sends per second, all streams together: with many "
+        "streams each waits longer than stream_interval_ms between items (64 streams: 64 ms), so the server's "
+        "per-item work stays flat while the decode steps grow (0: no such budget).")
     batch_invariant: bool = Field(
         False, description="A request's greedy tokens do not depend on what else is batched (matmuls whose tiling "
         "ignores the batch size; GPU only); costs some throughput (BENCHMARKS.md).")
@@ -313,6 +317,10 @@ class ServeConfig(_Strict):
         "directory (`orchestrator serve --adapter NAME=DIR`); requests pick one by `model`.")
     max_adapters: int = Field(8, ge=1, description="Adapters resident on the device at once (least recently used "
                               "evicted; loaded off the decode thread).")
+    fast_path: bool = Field(
+        True, description="Replicas use Ray Serve's leaner request path: gRPC between the proxy, the gateway and the "
+        "model replicas, user code on each replica's own event loop (false: Ray object references, e.g. where "
+        "the nodes' gRPC ports are closed to each other).")
 
 class MlflowTracking(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI: a server (http://...), sqlite:///FILE, "

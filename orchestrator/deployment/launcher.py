@@ -54,7 +54,8 @@ def model_spec(cfg: RunConfig, model_path: str | Path | None = None, check: bool
         "engine": s.engine, "cuda_graphs": s.cuda_graphs, "kernels": s.kernels,
         "gpu_memory_utilization": s.gpu_memory_utilization, "kv_block_size": s.kv_block_size,
         "prefill_chunk": s.prefill_chunk, "prefix_caching": s.prefix_caching,
-        "stream_interval_ms": s.stream_interval_ms, "batch_invariant": s.batch_invariant,
+        "stream_interval_ms": s.stream_interval_ms, "stream_items_per_s": s.stream_items_per_s,
+        "batch_invariant": s.batch_invariant,
         "max_adapters": s.max_adapters,
     }
 
@@ -74,7 +75,7 @@ def app_args(cfgs: list[RunConfig], model_paths: list[str | None] | None = None,
     if len(set(names)) != len(names):
         raise ConfigError(f"served model names must differ: {names}")
     return {"models": [model_spec(c, p, check) for c, p in zip(cfgs, paths, strict=True)],
-            "auth_token_env": cfgs[0].serve.auth_token_env}
+            "auth_token_env": cfgs[0].serve.auth_token_env, "fast_path": cfgs[0].serve.fast_path}
 
 
 def serve_config(args: dict[str, Any], host: str, port: int) -> str:
@@ -218,6 +219,8 @@ def run_serve(configs: list[str | Path], overrides: list[str] | None = None, mod
     s = cfgs[0].serve
     out = Path(cfgs[0].output_dir) / "serve_config.yaml"
     atomic_write_text(out, serve_config(args, s.host, s.port))
+    if s.fast_path:  # the proxy's half of it (the replicas get theirs from the app): read when a local Ray starts
+        os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
     init_ray(log_file=Path(cfgs[0].output_dir) / "ray.log")
     url = start(args, s.host, s.port)
     print(f"serve config: {out}")
