@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -58,6 +59,22 @@ def app(ray_local, tiny_model_dir, ner_merged, random_adapter, tmp_path_factory)
     start(args, "127.0.0.1", PORT)
     yield URL
     serve.shutdown()
+
+
+def test_every_replica_runs_on_serves_lean_path(app):
+    """serve.fast_path (on by default): the live gateway and model replicas' processes carry Ray Serve's gRPC and
+    same-loop settings (read from their environments, as Serve reads them when it starts there)."""
+    from ray.util.state import list_actors
+
+    from serve.app import FAST_PATH
+
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if a.class_name.startswith("ServeReplica:orchestrator:")]
+    names = {a.class_name.split(":")[-1] for a in replicas}
+    assert {"Gateway", "TextGenerator-constitution-qa", "EntityExtractor-medical-ner"} <= names, names
+    for a in replicas:
+        env = dict(kv.split("=", 1) for kv in Path(f"/proc/{a.pid}/environ").read_text().split("\0") if "=" in kv)
+        assert {k: env.get(k) for k in FAST_PATH} == FAST_PATH, a.class_name
 
 
 def test_openai_client_completion_stream_and_models(app):
