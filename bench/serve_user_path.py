@@ -3,6 +3,7 @@ transformers peer on the same card in the same call.
 
     python bench/serve_user_path.py --model DIR [--config configs/constitution-qa.yaml] [--set FIELD=VALUE ...]
         [--concurrency 1 8 32 64 128] [--per-client 2] [--prompt-tokens 200] [--max-tokens 128] [--peer] [--tag T]
+        [--direct]
 
 Starts the app as `orchestrator serve CONFIG --model DIR [--set ...]` does (``run_serve``: the config's serve
 section, readiness awaited), then at each concurrency drives closed-loop streaming clients
@@ -16,6 +17,7 @@ with ``device``, ``config``, ``overrides``, ``results`` and ``peer``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -38,10 +40,16 @@ def device_name() -> str:
         return "cpu"
 
 
-def stats(url: str) -> dict:
+KEEP = ("steps", "tokens_generated", "tokens_prefilled", "preemptions", "blocks_free", "step_ms_p50", "step_ms_p90",
+        "mean_sequences_per_step", "device_wait_share", "idle_s", "engine_ttft_ms_p50", "engine_ttft_ms_p99")
+
+
+def stats(url: str, window_s: float | None = None) -> dict:
+    """The (one) served model's engine figures; first-token times over the last ``window_s`` seconds."""
     import httpx
 
-    return httpx.get(f"{url}/v1/stats", timeout=60).json()["models"]
+    params = {"window_s": window_s} if window_s else {}
+    return next(iter(httpx.get(f"{url}/v1/stats", params=params, timeout=60).json()["models"].values()))
 
 
 def run_peer(batches: list[int], prompt: int, new: int) -> dict[str, float]:
@@ -64,9 +72,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--peer", action="store_true")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--direct", action="store_true", help="clients skip Serve's HTTP proxy: Ray Serve's direct "
+                    "ingress, the gateway replica's own port (measures what the proxy hop costs)")
     a = ap.parse_args()
+    if a.direct:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     import ray
-    from clients import level, use_tokenizer
+    from clients import drive, prompts, use_tokenizer
     from ray import serve
 
     from orchestrator.deployment.launcher import run_serve
@@ -78,12 +90,20 @@ def main() -> None:
     t0 = time.perf_counter()
     url = run_serve([ROOT / a.config], a.overrides, [a.model], blocking=False)
     res["ready_s"] = round(time.perf_counter() - t0, 1)
+    if a.direct:
+        url = res["url"] = _gateway_port()
     res["engine"] = stats(url)
     for c in a.concurrency:
-        r = level(url, c, a.per_client, a.max_tokens, a.prompt_tokens, seed=c)
-        r["engine_after"] = {k: v for k, v in next(iter(stats(url).values())).items()
-                             if k in ("steps", "tokens_generated", "tokens_prefilled", "preemptions", "blocks_free",
-                                      "step_ms_p50", "step_ms_p90", "mean_sequences_per_step", "device_wait_share")}
+        asyncio.run(drive(url, c, 1, a.max_tokens, prompts(c, a.prompt_tokens, c + 1000)))  # warm-up, not counted
+        before = stats(url)
+        r = asyncio.run(drive(url, c, a.per_client, a.max_tokens, prompts(c * a.per_client, a.prompt_tokens, c)))
+        after = stats(url, r["wall_s"] + 0.2)
+        r["engine_after"] = {k: v for k, v in after.items() if k in KEEP}
+        # the engine's share of the measured pass: idle (no request in it), steps, its own submit -> first token
+        r["engine_idle_share"] = round((after["idle_s"] - before["idle_s"]) / r["wall_s"], 3)
+        r["engine_steps"] = after["steps"] - before["steps"]
+        if r["ttft_p50_s"] and after.get("engine_ttft_ms_p50") is not None:
+            r["http_ttft_ms_p50"] = round(1e3 * r["ttft_p50_s"] - after["engine_ttft_ms_p50"], 1)
         res["results"].append(r)
         print(json.dumps(r), flush=True)
         _write(res, a.tag)
@@ -97,6 +117,19 @@ def main() -> None:
                 res.setdefault("vs_peer", {})[c] = round(mine / res["peer"][c], 3)
     _write(res, a.tag)
     print(json.dumps({k: res[k] for k in ("device", "peer", "ready_s")} | {"vs_peer": res.get("vs_peer")}))
+
+
+def _gateway_port() -> str:
+    """The URL the gateway replica itself listens on under direct ingress (Serve's range from port 30000)."""
+    import httpx
+
+    for port in range(30000, 30016):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                return f"http://127.0.0.1:{port}"
+        except httpx.HTTPError:
+            continue
+    raise RuntimeError("no gateway replica answers on ports 30000-30015")
 
 
 def _commit() -> str | None:

@@ -91,6 +91,7 @@ class Sequence:
     in_flight: int = 0  # launched steps not handed out yet
     paused: bool = False  # preempted: waits for its steps in flight, then waits in the queue again
     last_emit: float = 0.0
+    submitted: float = 0.0  # perf_counter() when it reached the engine
     stream: Any = None  # the tokenizer's streaming decoder state
     reason: str | None = None
     error: str | None = None
@@ -173,6 +174,8 @@ class Engine:
         self.counters = {"steps": 0, "tokens_prefilled": 0, "tokens_generated": 0, "preemptions": 0}
         self.waited = 0.0  # seconds the loop spent waiting for the device (the rest: host work)
         self.looped = 0.0
+        self.idle = 0.0  # seconds the loop had nothing to run (no request in the engine)
+        self.first_token: deque[tuple[float, float]] = deque(maxlen=4000)  # (when, seconds from submit) per request
         self.buckets = _buckets(min(self.max_tokens_step, 1 << 16)) if self.graphs_on else []
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, Batch]] = {}
         self.buf = torch.zeros(self._width(self.buckets[-1]) if self.buckets else 0, dtype=torch.long,
@@ -194,7 +197,7 @@ class Engine:
                              f"engine's {self.max_len} positions")
         if adapter is not None and (self.adapters is None or adapter not in self.adapters):
             raise KeyError(adapter)
-        seq = Sequence(list(prompt), params, emit, adapter)
+        seq = Sequence(list(prompt), params, emit, adapter, submitted=time.perf_counter())
         if params.temperature > 0 and params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         with self.cv:
@@ -221,7 +224,12 @@ class Engine:
                 + (f", {len(self.graphs)} CUDA graphs" if self.graphs_on else "")
                 + (f", {self.adapters.slots} adapter slots" if self.adapters else ""))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, window_s: float | None = None) -> dict[str, Any]:
+        """What the engine chose and how it runs: the last 500 steps' times, and the time from a request reaching
+        the engine to its first token (requests of the last ``window_s`` seconds, else the last 500)."""
+        since = time.perf_counter() - window_s if window_s else -1.0
+        firsts = [d for t, d in self.first_token if t >= since][-500:] if window_s else \
+            [d for _, d in list(self.first_token)[-500:]]
         recent = list(self.steps)[-500:]
         times = sorted(t for _, t in recent)
         out = {"family": self.fam.name, "max_sequences": self.max_seqs, "max_len": self.max_len,
@@ -230,7 +238,8 @@ class Engine:
                "step_ms_p50": round(1e3 * times[len(times) // 2], 2) if times else None,
                "step_ms_p90": round(1e3 * times[int(len(times) * 0.9)], 2) if times else None,
                "mean_sequences_per_step": round(sum(n for n, _ in recent) / len(recent), 1) if recent else None,
-               "device_wait_share": round(self.waited / self.looped, 3) if self.looped else None}
+               "device_wait_share": round(self.waited / self.looped, 3) if self.looped else None,
+               "idle_s": round(self.idle, 3), **_percentiles("engine_ttft_ms", firsts)}
         if self.adapters:
             out.update(self.adapters.report())
         return out
@@ -400,14 +409,17 @@ class Engine:
             ctx_len = len(seq.context)
             if seq.fed >= ctx_len and seq.sampled < seq.params.max_tokens and self._grow(seq):
                 decode.append(seq)
-        budget = min(self.prefill_chunk if decode else self.max_prefill, self.max_tokens_step - len(decode))
+        # while others decode, one prompt gets at most prefill_chunk tokens of a step (a long prompt never stalls
+        # them for long); many prompts together fill up to max_prefill (a burst of arrivals is prefilled in few steps)
+        cap = self.prefill_chunk if decode else self.max_prefill
+        budget = min(self.max_prefill, self.max_tokens_step - len(decode))
         if self.graphs_on and budget > 0:  # the step is padded to a bucket anyway: prompts fill the padding
             budget = self._bucket(len(decode) + budget) - len(decode)
         for seq in self.running:
             ctx_len = len(seq.context)
             if seq.paused or seq.done or seq.fed >= ctx_len or budget <= 0:
                 continue
-            n = min(ctx_len - seq.fed, budget)
+            n = min(ctx_len - seq.fed, cap, budget)
             chunks.append((seq, seq.fed, n))
             budget -= n
         return decode, chunks
@@ -575,8 +587,12 @@ class Engine:
             with torch.inference_mode():
                 while True:
                     with self.cv:
-                        while not self.stopped and not self.waiting and not self.running and not queued:
-                            self.cv.wait()
+                        if not self.stopped and not self.waiting and not self.running and not queued:
+                            t_idle = time.perf_counter()
+                            while not self.stopped and not self.waiting and not self.running:
+                                self.cv.wait()
+                            self.idle += time.perf_counter() - t_idle
+                            last = time.perf_counter()
                         if self.stopped:
                             break
                     self._admit()
@@ -626,6 +642,8 @@ class Engine:
             else:
                 seq.tokens.append(tok)
                 self.counters["tokens_generated"] += 1
+                if len(seq.tokens) == 1:
+                    self.first_token.append((now, now - seq.submitted))
                 reason = self._detokenize(seq, now)
                 if reason is None and len(seq.tokens) >= seq.params.max_tokens:
                     reason = "length"
@@ -698,6 +716,12 @@ class Engine:
         if error:
             event["error"] = error
         seq.emit(event)
+
+
+def _percentiles(name: str, xs: list[float]) -> dict[str, float | None]:
+    xs = sorted(xs)
+    at = (lambda q: round(1e3 * xs[min(len(xs) - 1, int(q * len(xs)))], 2)) if xs else (lambda q: None)
+    return {f"{name}_p50": at(0.5), f"{name}_p99": at(0.99)}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

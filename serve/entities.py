@@ -27,7 +27,7 @@ class EntityExtractor:
         self.coalescer = Coalescer(self._extract, self.spec.max_batch_size or 8)
         torch.set_grad_enabled(False)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, window_s: float | None = None) -> dict[str, Any]:
         return {"model": self.spec.name, "path": "token_classification", "max_batch_size": self.spec.max_batch_size}
 
     def check_health(self) -> None:

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
@@ -219,8 +219,9 @@ class Gateway:
                 waiting.append(name)
         return waiting
 
-    async def stats(self, request: Request):
-        """Each model deployment's own figures (the engine's KV blocks, sequences, prefix-cache hits, adapters)."""
+    async def stats(self, request: Request, window_s: float | None = Query(None, gt=0)):
+        """Each model deployment's own figures (the engine's KV blocks, sequences, prefix-cache hits, adapters;
+        ``?window_s=N``: first-token times over the last N seconds)."""
         if (denied := self._auth(request)) is not None:
             return denied
         seen, out = set(), {}
@@ -229,7 +230,7 @@ class Gateway:
             if key in seen:
                 continue
             seen.add(key)
-            res, err = await self._call(lambda h=handle: h.stats.remote())
+            res, err = await self._call(lambda h=handle: h.stats.remote(window_s))
             out[name] = res if err is None else {"error": "busy"}
         return {"models": out}
 

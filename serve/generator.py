@@ -176,7 +176,8 @@ class TextGenerator:
             return Engine(self.model, self.tokenizer, max_seqs=spec.max_batch_size or (256 if gpu else 8),
                           max_len=max_len, block_size=spec.kv_block_size,
                           gpu_memory_utilization=spec.gpu_memory_utilization, prefill_chunk=spec.prefill_chunk,
-                          cuda_graphs=spec.cuda_graphs and gpu, use_kernels=None if spec.kernels else False,
+                          max_prefill=spec.max_prefill, cuda_graphs=spec.cuda_graphs and gpu,
+                          use_kernels=None if spec.kernels else False,
                           batch_invariant=spec.batch_invariant, prefix_caching=spec.prefix_caching,
                           adapters=spec.adapters or None, max_adapters=spec.max_adapters,
                           stream_interval=spec.stream_interval_ms / 1000,
@@ -189,11 +190,12 @@ class TextGenerator:
         """Answers once the replica is built (its engine's graphs captured): what readiness checks call."""
         return True
 
-    def stats(self) -> dict[str, Any]:
-        """What the engine chose and how it runs (KV blocks, sequences, prefix-cache hits, adapters)."""
+    def stats(self, window_s: float | None = None) -> dict[str, Any]:
+        """What the engine chose and how it runs (KV blocks, sequences, prefix-cache hits, adapters; first-token
+        times of the requests of the last ``window_s`` seconds)."""
         if self.engine is None:
             return {"model": self.spec.name, "path": "generate", "batches": len(self.batches)}
-        return {"model": self.spec.name, "path": "engine", **self.engine.stats()}
+        return {"model": self.spec.name, "path": "engine", **self.engine.stats(window_s)}
 
     def check_health(self) -> None:
         if self.model is None:

@@ -37,7 +37,8 @@ class ModelSpec(BaseModel):
                                           "fills: weights, the largest step's activations, then KV blocks")
     kv_block_size: int | None = Field(None, ge=1, description="positions per KV block (None: 32 on a GPU; on "
                                       "the CPU a sequence's whole length)")
-    prefill_chunk: int = Field(512, ge=1, description="prompt tokens prefilled per step while others decode")
+    prefill_chunk: int = Field(512, ge=1, description="prompt tokens of one sequence per step while others decode")
+    max_prefill: int = Field(2048, ge=1, description="prompt tokens per step, all sequences together")
     prefix_caching: bool = True
     stream_interval_ms: float = Field(20.0, ge=0, description="a stream's text goes out at most this often "
                                       "after its first piece (fewer, larger stream items under load)")

@@ -194,6 +194,39 @@ def test_chunked_prefill_over_paged_blocks_gives_the_same_tokens(lm):
     assert st["block_size"] == 8 and st["blocks_free"] == st["blocks"], st  # every block back
 
 
+def test_a_burst_of_prompts_fills_max_prefill_while_a_long_one_stays_in_chunks(lm):
+    """While others decode, each prompt gets at most prefill_chunk tokens of a step, and many prompts share a step
+    up to max_prefill: a burst of short prompts is prefilled in few steps, a long prompt in chunks; tokens unchanged."""
+    model, tok = lm
+    short = prompts(tok, 5)
+    long = sum(prompts(tok, 6), [])[:60]
+    refs = [reference(model, p, 12) for p in [short[0], long, *short[1:]]]
+    engine = Engine(model, tok, max_seqs=6, max_len=128, block_size=8, prefill_chunk=10, max_prefill=40)
+    engine.eos = set()
+    steps: list[tuple[int, list[int]]] = []  # (decoding sequences, prompt tokens of each sequence) per step
+    launch = engine._launch
+
+    def recording(decode, chunks):
+        steps.append((len(decode), [n for _, _, n in chunks]))
+        return launch(decode, chunks)
+
+    engine._launch = recording
+    first, c0 = run(engine, short[0], Sampling(max_tokens=12))
+    while not first.tokens:
+        time.sleep(0.005)
+    with engine.cv:  # the rest arrive together while the first decodes
+        seqs = [run(engine, p, Sampling(max_tokens=12)) for p in [long, *short[1:]]]
+    [c.result() for _, c in seqs]
+    c0.result()
+    engine.shutdown()
+    assert [first.tokens, *[s.tokens for s, _ in seqs]] == refs
+    mixed = [chunks for n_dec, chunks in steps if n_dec and chunks]
+    assert mixed and all(n <= 10 for chunks in mixed for n in chunks), steps  # one prompt: a chunk a step
+    assert max(sum(chunks) for chunks in mixed) > 10, steps  # several prompts share a step
+    assert all(sum(chunks) <= 40 for _, chunks in steps), steps
+    assert sum(1 for chunks in mixed if 10 in chunks) >= 5, steps  # the long prompt took several steps
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_decodes_as_transformers_does(family):
     """Llama 3 rope scaling, Mistral's sliding window, Qwen 2 biases, Qwen 3 q/k norms, Gemma 3's norms, GELU,

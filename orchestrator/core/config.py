@@ -298,8 +298,10 @@ class ServeConfig(_Strict):
         "activations, and KV cache blocks in the rest (as vLLM names it).")
     kv_block_size: int | None = Field(None, ge=1, description="Positions per KV cache block (unset: 32 on a GPU; "
                                       "on a CPU one block per sequence).")
-    prefill_chunk: int = Field(512, ge=1, description="Prompt tokens prefilled per step while other sequences "
-                               "decode (a long prompt is split, so it never stalls them).")
+    prefill_chunk: int = Field(512, ge=1, description="Prompt tokens of one sequence prefilled per step while "
+                               "other sequences decode (a long prompt is split, so it never stalls them).")
+    max_prefill: int = Field(2048, ge=1, description="Prompt tokens per step, all sequences together: a burst of "
+                             "short prompts is prefilled in steps this large, each prompt within prefill_chunk.")
     prefix_caching: bool = Field(True, description="Reuse the KV blocks of prompt prefixes seen before (system "
                                  "prompt, few-shot examples, chat template), per adapter.")
     stream_interval_ms: float = Field(

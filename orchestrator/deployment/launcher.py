@@ -53,7 +53,7 @@ def model_spec(cfg: RunConfig, model_path: str | Path | None = None, check: bool
         "num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
         "engine": s.engine, "cuda_graphs": s.cuda_graphs, "kernels": s.kernels,
         "gpu_memory_utilization": s.gpu_memory_utilization, "kv_block_size": s.kv_block_size,
-        "prefill_chunk": s.prefill_chunk, "prefix_caching": s.prefix_caching,
+        "prefill_chunk": s.prefill_chunk, "max_prefill": s.max_prefill, "prefix_caching": s.prefix_caching,
         "stream_interval_ms": s.stream_interval_ms, "stream_items_per_s": s.stream_items_per_s,
         "batch_invariant": s.batch_invariant,
         "max_adapters": s.max_adapters,
