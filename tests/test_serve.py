@@ -482,6 +482,14 @@ def test_more_adapters_than_slots_are_evicted_and_answer_again_when_asked(ray_lo
         assert ask("a0") == first["a0"]  # evicted, loaded again, the same function
         stats = httpx.get(f"{URL}/many/v1/stats", timeout=60).json()["models"]["many"]
         assert stats["adapters_loaded"] == [names[-1], "a0"] and stats["adapter_loads"] == len(names) + 1, stats
+        # the engine's own first-token times: the 5 requests above in a long window, none in a window that ended
+        # before them (the route checks its query)
+        recent = httpx.get(f"{URL}/many/v1/stats?window_s=600", timeout=60).json()["models"]["many"]
+        assert 0 < recent["engine_ttft_ms_p50"] <= recent["engine_ttft_ms_p99"] < 60_000, recent
+        time.sleep(0.5)
+        assert httpx.get(f"{URL}/many/v1/stats?window_s=0.2", timeout=60).json()["models"]["many"][
+            "engine_ttft_ms_p50"] is None
+        assert httpx.get(f"{URL}/many/v1/stats?window_s=-1", timeout=60).status_code == 400
         r = httpx.post(f"{URL}/many/v1/completions", json={"model": "a9", "prompt": "x", "max_tokens": 2}, timeout=60)
         assert r.status_code == 404 and "'a9'" in r.json()["error"]["message"]
     finally:
