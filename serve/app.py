@@ -59,5 +59,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             if served in routes:
                 raise ValueError(f"model {spec.name}: adapter name {served!r} is also another model's name")
             routes[served], tasks[served], multiplexed[served] = dep, spec.task, served
-    gateway = GatewayDeployment.options(ray_actor_options={"num_cpus": 0, **_env(parsed.fast_path)})
+    gateway = GatewayDeployment.options(num_replicas=parsed.gateway_replicas,
+                                        ray_actor_options={"num_cpus": 0, **_env(parsed.fast_path)})
     return gateway.bind(routes, tasks, multiplexed, parsed.auth_token_env)

@@ -67,6 +67,7 @@ class AppArgs(BaseModel):
     models: list[ModelSpec] = Field(min_length=1)
     auth_token_env: str | None = None
     fast_path: bool = True
+    gateway_replicas: int = Field(1, ge=1)
 
 
 # ---------------------------------------------------------------- requests

@@ -55,14 +55,14 @@ def app(ray_local, tiny_model_dir, ner_merged, random_adapter, tmp_path_factory)
     args = {"models": [_spec("constitution-qa", "causal_lm", tiny_model_dir, max_batch_size=8,
                              batch_wait_timeout_s=0.05, max_ongoing_requests=16, max_queued_requests=64),
                        _spec("medical-ner", "token_classification", ner_merged), adapters],
-            "auth_token_env": SERVE_TOKEN_ENV}
+            "auth_token_env": SERVE_TOKEN_ENV, "gateway_replicas": 2}
     start(args, "127.0.0.1", PORT)
     yield URL
     serve.shutdown()
 
 
 def test_every_replica_runs_on_serves_lean_path(app):
-    """serve.fast_path (on by default): the live gateway and model replicas' processes carry Ray Serve's gRPC and
+    """serve.fast_path (on by default): the live gateways and model replicas' processes carry Ray Serve's gRPC and
     same-loop settings (read from their environments, as Serve reads them when it starts there)."""
     from ray.util.state import list_actors
 
@@ -70,8 +70,9 @@ def test_every_replica_runs_on_serves_lean_path(app):
 
     replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
                 if a.class_name.startswith("ServeReplica:orchestrator:")]
-    names = {a.class_name.split(":")[-1] for a in replicas}
-    assert {"Gateway", "TextGenerator-constitution-qa", "EntityExtractor-medical-ner"} <= names, names
+    names = [a.class_name.split(":")[-1] for a in replicas]
+    assert {"Gateway", "TextGenerator-constitution-qa", "EntityExtractor-medical-ner"} <= set(names), names
+    assert names.count("Gateway") == 2, names  # serve.gateway_replicas: every test here goes through two gateways
     for a in replicas:
         env = dict(kv.split("=", 1) for kv in Path(f"/proc/{a.pid}/environ").read_text().split("\0") if "=" in kv)
         assert {k: env.get(k) for k in FAST_PATH} == FAST_PATH, a.class_name

@@ -323,6 +323,9 @@ class ServeConfig(_Strict):
         True, description="Replicas use Ray Serve's leaner request path: gRPC between the proxy, the gateway and the "
         "model replicas, user code on each replica's own event loop (false: Ray object references, e.g. where "
         "the nodes' gRPC ports are closed to each other).")
+    gateway_replicas: int = Field(
+        1, ge=1, description="Replicas of the HTTP gateway (validation, routing, the streamed events): a burst of "
+        "requests is taken in by several processes at once. They reserve no CPU.")
 
 class MlflowTracking(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI: a server (http://...), sqlite:///FILE, "
