@@ -227,16 +227,13 @@ class Engine:
     def stats(self, window_s: float | None = None) -> dict[str, Any]:
         """What the engine chose and how it runs: the last 500 steps' times, and the time from a request reaching
         the engine to its first token (requests of the last ``window_s`` seconds, else the last 500)."""
-        since = time.perf_counter() - window_s if window_s else -1.0
-        firsts = [d for t, d in self.first_token if t >= since][-500:] if window_s else \
-            [d for _, d in list(self.first_token)[-500:]]
+        since = time.perf_counter() - window_s if window_s else float("-inf")
+        firsts = [d for t, d in self.first_token if t >= since][-500:]
         recent = list(self.steps)[-500:]
-        times = sorted(t for _, t in recent)
         out = {"family": self.fam.name, "max_sequences": self.max_seqs, "max_len": self.max_len,
                "kv_bytes": self.dec.kv_bytes_per_block() * (self.pool.count - 1), **self.pool.report(),
                **self.load(), **self.counters, "cuda_graphs": len(self.graphs), "kernels": self.kernels,
-               "step_ms_p50": round(1e3 * times[len(times) // 2], 2) if times else None,
-               "step_ms_p90": round(1e3 * times[int(len(times) * 0.9)], 2) if times else None,
+               **_percentiles("step_ms", [t for _, t in recent], (50, 90)),
                "mean_sequences_per_step": round(sum(n for n, _ in recent) / len(recent), 1) if recent else None,
                "device_wait_share": round(self.waited / self.looped, 3) if self.looped else None,
                "idle_s": round(self.idle, 3), **_percentiles("engine_ttft_ms", firsts)}
@@ -718,10 +715,10 @@ class Engine:
         seq.emit(event)
 
 
-def _percentiles(name: str, xs: list[float]) -> dict[str, float | None]:
-    xs = sorted(xs)
-    at = (lambda q: round(1e3 * xs[min(len(xs) - 1, int(q * len(xs)))], 2)) if xs else (lambda q: None)
-    return {f"{name}_p50": at(0.5), f"{name}_p99": at(0.99)}
+def _percentiles(name: str, seconds: list[float], qs: tuple[int, ...] = (50, 99)) -> dict[str, float | None]:
+    """``{name}_pQ``: the Q-th percentile of ``seconds`` in milliseconds (None when there are none)."""
+    xs = sorted(seconds)
+    return {f"{name}_p{q}": round(1e3 * xs[min(len(xs) - 1, len(xs) * q // 100)], 2) if xs else None for q in qs}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
