@@ -53,6 +53,7 @@ async def drive(url: str, concurrency: int, per_client: int, max_tokens: int, te
     import httpx
 
     ttfts, latencies, gaps, tokens, errors = [], [], [], 0, 0
+    error_codes: dict[str, int] = {}  # status (and the server's message) -> count
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def one(h, text: str, model: str | None):
@@ -66,7 +67,8 @@ async def drive(url: str, concurrency: int, per_client: int, max_tokens: int, te
         async with h.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
             if r.status_code != 200:
                 errors += 1
-                await r.aread()
+                key = f"{r.status_code} {(await r.aread())[:120].decode(errors='replace')}"
+                error_codes[key] = error_codes.get(key, 0) + 1
                 return
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -97,6 +99,7 @@ async def drive(url: str, concurrency: int, per_client: int, max_tokens: int, te
         wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": concurrency * per_client, "tokens": tokens,
             "tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2), "errors": errors,
+            "error_codes": error_codes,
             "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99), "latency_p50_s": pct(latencies, 0.5),
             "latency_p99_s": pct(latencies, 0.99), "stream_gap_p50_s": pct(gaps, 0.5),
             "stream_gap_p99_s": pct(gaps, 0.99),

