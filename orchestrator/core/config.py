@@ -280,9 +280,9 @@ class ServeConfig(_Strict):
         "max_queued_requests, then 503). Unset: for a causal LM on the engine, twice max_batch_size (the engine "
         "queues what its KV cache cannot hold yet); otherwise 8.")
     max_queued_requests: int | None = Field(
-        None, ge=-1, description="Requests each caller (gateway replica) holds waiting for a replica before it answers "
-        "503 (-1: no limit). Unset: as many as max_ongoing_requests and at least 32, so a burst the replicas admit "
-        "is not turned away while it is being routed.")
+        None, ge=-1, description="Requests each caller (gateway replica) holds that no replica has taken yet, before "
+        "it answers 503 (-1: no limit). A request counts as waiting until a replica takes it, so under a burst all of "
+        "it waits at once. Unset: what the replicas hold (max_ongoing_requests x autoscaling.max_replicas) plus 32.")
     max_batch_size: int | None = Field(
         None, ge=1, description="The most sequences a replica decodes together (the engine admits by free KV "
         "blocks up to this); unset: 256 on a GPU, 8 on a CPU. On the generate path: the dynamic batch (unset: 8).")

@@ -46,7 +46,8 @@ def model_spec(cfg: RunConfig, model_path: str | Path | None = None, check: bool
         "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
         "max_tokens_limit": s.max_tokens_limit, "max_input_length": cfg.data.max_seq_length,
         "max_ongoing_requests": ongoing,
-        "max_queued_requests": s.max_queued_requests if s.max_queued_requests is not None else max(32, ongoing),
+        "max_queued_requests": (s.max_queued_requests if s.max_queued_requests is not None
+                                else ongoing * auto.max_replicas + 32),
         "autoscaling": {"min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
                         "initial_replicas": max(auto.min_replicas, 1),
                         "target_ongoing_requests": auto.target_ongoing_requests,
