@@ -286,8 +286,8 @@ def bench_commit() -> str:
 
 
 def write_results(args, results: dict, rows: int, cfg_json: dict, gpu: str) -> Path:
-    """Derived figures (MFU, ratios to Unsloth at the same shape, scaling) and the JSON, rewritten after every
-    variant so that a run stopped midway keeps what it measured."""
+    """Derived figures (MFU, ratios to Unsloth at the same shape and at its best, scaling) and the JSON,
+    rewritten after every variant so that a run stopped midway keeps what it measured."""
     import ray
     import torch
 
@@ -306,6 +306,13 @@ def write_results(args, results: dict, rows: int, cfg_json: dict, gpu: str) -> P
         if v.startswith("project") and same and "median_tokens_per_s_per_gpu" in same:
             r["tokens_per_s_vs_unsloth"] = round(per_gpu / same["median_tokens_per_s_per_gpu"], 3)
             r["peak_allocated_vs_unsloth"] = round(r["peak_allocated_mb"] / same["peak_allocated_mb"], 3)
+        # and against Unsloth's best shape of this run (the headline ratio: the peer at its best setting)
+        best = max((pr for k, pr in results.items() if re.fullmatch(r"unsloth-\d+x\d+", k)
+                    and "median_tokens_per_s_per_gpu" in pr), key=lambda pr: pr["median_tokens_per_s_per_gpu"],
+                   default=None)
+        if v.startswith("project") and best:
+            r["unsloth_best_shape"] = f"{best['max_seq_length']}x{best['micro_batch']}"
+            r["tokens_per_s_vs_unsloth_best"] = round(per_gpu / best["median_tokens_per_s_per_gpu"], 3)
         if "baseline" in results:
             r["tokens_per_s_vs_baseline"] = round(per_gpu / results["baseline"]["median_tokens_per_s"], 3)
         # scaling efficiency = throughput(n) / (n * throughput(1)), same run, same host; throughput(1): the same

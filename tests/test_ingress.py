@@ -88,3 +88,17 @@ def test_serve_behind_haproxy_answers_a_burst_the_replicas_admit(tmp_path, tiny_
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Serve shut down" in rest, rest[-3000:]
+
+
+def test_unset_queue_limit_admits_what_every_replica_holds():
+    """A burst arriving at once (HAProxy does not spread it as Serve's proxy did) waits in the router's queue
+    until a replica takes it: unset, the queue limit covers what all replicas hold, so such a burst is not 503'd."""
+    from orchestrator.core.config import load_config
+    from orchestrator.deployment.launcher import model_spec
+
+    config = ROOT / "configs/constitution-qa.yaml"
+    spec = model_spec(load_config(config, ["serve.max_ongoing_requests=48",
+                                           "serve.autoscaling.max_replicas=3"]), "m", check=False)
+    assert spec["max_queued_requests"] == 48 * 3 + 32
+    pinned = model_spec(load_config(config, ["serve.max_queued_requests=5"]), "m", check=False)
+    assert pinned["max_queued_requests"] == 5
