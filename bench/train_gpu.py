@@ -292,6 +292,10 @@ def write_results(args, results: dict, rows: int, cfg_json: dict, gpu: str) -> P
     import torch
 
     n_params = parameters(cfg_json)
+    peer_shapes = {k: pr for k, pr in results.items()  # Unsloth's measured shapes of this run
+                   if re.fullmatch(r"unsloth-\d+x\d+", k) and "median_tokens_per_s_per_gpu" in pr}
+    # the headline ratio's reference: the peer at its best setting
+    best = max(peer_shapes.values(), key=lambda pr: pr["median_tokens_per_s_per_gpu"], default=None)
     for v, r in results.items():
         if "error" in r or "oom" in r:
             continue
@@ -300,16 +304,12 @@ def write_results(args, results: dict, rows: int, cfg_json: dict, gpu: str) -> P
         r["mfu"] = mfu(per_gpu, cfg_json, n_params, gpu, seq) if n_params else None
         # Unsloth at the same tokens per step: the same shape, else the same slots (rows of 8,192 x 1 vs 2,048 x 4)
         slots = (seq or 0) * (r.get("micro_batch") or 0)
-        same = results.get(f"unsloth-{seq}x{r.get('micro_batch')}") or next(
-            (pr for k, pr in results.items() if re.fullmatch(r"unsloth-\d+x\d+", k)
-             and pr.get("max_seq_length", 0) * pr.get("micro_batch", 0) == slots), None)
-        if v.startswith("project") and same and "median_tokens_per_s_per_gpu" in same:
+        same = peer_shapes.get(f"unsloth-{seq}x{r.get('micro_batch')}") or next(
+            (pr for pr in peer_shapes.values()
+             if pr.get("max_seq_length", 0) * pr.get("micro_batch", 0) == slots), None)
+        if v.startswith("project") and same:
             r["tokens_per_s_vs_unsloth"] = round(per_gpu / same["median_tokens_per_s_per_gpu"], 3)
             r["peak_allocated_vs_unsloth"] = round(r["peak_allocated_mb"] / same["peak_allocated_mb"], 3)
-        # and against Unsloth's best shape of this run (the headline ratio: the peer at its best setting)
-        best = max((pr for k, pr in results.items() if re.fullmatch(r"unsloth-\d+x\d+", k)
-                    and "median_tokens_per_s_per_gpu" in pr), key=lambda pr: pr["median_tokens_per_s_per_gpu"],
-                   default=None)
         if v.startswith("project") and best:
             r["unsloth_best_shape"] = f"{best['max_seq_length']}x{best['micro_batch']}"
             r["tokens_per_s_vs_unsloth_best"] = round(per_gpu / best["median_tokens_per_s_per_gpu"], 3)
