@@ -238,6 +238,8 @@ def family_model(kind: str):
 
 
 def part_families(tok) -> dict:
+    import torch
+
     out = {}
     for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma3"):
         model = family_model(kind)
@@ -245,8 +247,9 @@ def part_families(tok) -> dict:
         eng = make_engine(model, tok, max_len=1024)
         out[kind] = closed_loop(eng, random_prompts(32, 200, 32000, 7), 128) | {"parameters": n}
         close(eng)
-        del model
+        del eng, model  # this frame's references too: the next family's engine sizes itself from free memory
         gc.collect()
+        torch.cuda.empty_cache()
         print(json.dumps({kind: out[kind]}), flush=True)
     for kind in out:
         out[kind]["vs_llama"] = round(out[kind]["tokens_per_s"] / out["llama"]["tokens_per_s"], 3)

@@ -7,6 +7,8 @@
 * ``Gateway`` (serve/gateway.py): the FastAPI ingress. OpenAI-compatible ``/v1/chat/completions``,
   ``/v1/completions``, ``/v1/models``; ``/v1/entities``; ``/v1/stats``; ``/healthz`` (503 until every model
   deployment has a replica that can serve); a chat page at ``/``.
+* ``TextServer`` (serve/fused.py, ``gateway: fused`` with one text model): the same routes on the model's own
+  replicas, no gateway deployment between.
 * Requests and specs: serve/schemas.py.
 
 Build it from plain arguments (``build_app(args)``), so the same app runs under ``serve run``,
@@ -50,6 +52,12 @@ def _options(spec: ModelSpec, fast: bool) -> dict[str, Any]:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder (``serve run serve.app:build_app`` / an ``import_path`` in a Serve config)."""
     parsed = AppArgs.model_validate(args)
+    if parsed.gateway == "fused" and len(parsed.models) == 1 and parsed.models[0].task == "causal_lm":
+        from serve.fused import TextServerIngress
+
+        spec = parsed.models[0]
+        return (serve.deployment(TextServerIngress).options(**_options(spec, parsed.fast_path))
+                .bind(spec.model_dump(), parsed.auth_token_env))
     routes, tasks, multiplexed = {}, {}, {}
     for spec in parsed.models:
         cls = TextGenerator if spec.task == "causal_lm" else EntityExtractor

@@ -30,10 +30,6 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param}})
 
 
-api = FastAPI(title="orchestrator", description="OpenAI-compatible generation and entity extraction")
-
-
-@api.exception_handler(RequestValidationError)
 async def _bad_request(request: Request, exc: RequestValidationError):
     first = exc.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
@@ -162,6 +158,9 @@ class Gateway:
                 yield "data: " + json.dumps({"error": {"message": "the model's replica failed while answering",
                                                        "type": "unavailable", "code": 503}}) + "\n\n"
                 return
+            finally:  # a client gone mid-stream: a replica's own generator (fused gateway) frees its sequence now
+                if (close := getattr(gen, "aclose", None)) is not None:
+                    await close()
             if usage and "completion_tokens" in last:  # OpenAI's stream_options.include_usage: a last chunk
                 counts = {k: last[k] for k in ("prompt_tokens", "completion_tokens")}
                 yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if kind == "chat"
@@ -211,6 +210,8 @@ class Gateway:
         status = serve.status()
         waiting = []
         for name, handle in self.routes.items():
+            if getattr(type(handle), "local", False):  # the replica answering is the model's own: it is loaded
+                continue
             app = status.applications.get(handle.app_name)
             dep = app.deployments.get(handle.deployment_name) if app else None
             running = sum(n for state, n in (dep.replica_states if dep else {}).items()
@@ -226,7 +227,7 @@ class Gateway:
             return denied
         seen, out = set(), {}
         for name, handle in self.routes.items():
-            key = (handle.app_name, handle.deployment_name)
+            key = (getattr(handle, "app_name", None), getattr(handle, "deployment_name", id(handle)))
             if key in seen:
                 continue
             seen.add(key)
@@ -238,8 +239,10 @@ class Gateway:
         return HTMLResponse((STATIC / "chat.html").read_text(encoding="utf-8"))
 
 
-def _wire_routes() -> None:
-    """FastAPI routes onto Gateway's methods (declared once; the class stays readable above)."""
+def make_api() -> FastAPI:
+    """A FastAPI app with the routes on Gateway's methods (one per ingress class: Serve binds them to it)."""
+    api = FastAPI(title="orchestrator", description="OpenAI-compatible generation and entity extraction")
+    api.add_exception_handler(RequestValidationError, _bad_request)
     api.post("/v1/chat/completions")(Gateway.chat)
     api.post("/v1/completions")(Gateway.completions)
     api.get("/v1/models")(Gateway.models)
@@ -247,9 +250,10 @@ def _wire_routes() -> None:
     api.get("/healthz")(Gateway.healthz)
     api.get("/v1/stats")(Gateway.stats)
     api.get("/", response_class=HTMLResponse)(Gateway.page)
+    return api
 
 
-_wire_routes()
+api = make_api()
 # The gateway only validates and forwards (the models' replicas do the work): it reserves no CPU, so a
 # small machine's cores go to the model replicas.
 GatewayDeployment = serve.deployment(name="Gateway", max_ongoing_requests=256,

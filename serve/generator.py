@@ -394,10 +394,11 @@ class TextGenerator:
         except ClientError as e:
             return e.as_dict()
 
-    async def complete(self, req: dict[str, Any]) -> dict[str, Any]:
-        """A whole completion: batched for the merged model, one at a time for an adapter."""
+    async def complete(self, req: dict[str, Any], model_id: str | None = None) -> dict[str, Any]:
+        """A whole completion: batched for the merged model, one at a time for an adapter (``model_id``: the
+        served adapter; unset, the request's multiplexed model id)."""
         req = self._defaults(req)
-        model_id = serve.get_multiplexed_model_id()
+        model_id = serve.get_multiplexed_model_id() if model_id is None else model_id
         if not model_id and self.engine is None:
             return await self.generate_batch(req)  # encoded with its batch
         ids = await self._admit(req, model_id)
@@ -416,12 +417,12 @@ class TextGenerator:
                         "completion_tokens": ev["completion_tokens"], "prompt_tokens": ev["prompt_tokens"]}
         return {"error": "generation ended without a result", "param": None, "status": 500}
 
-    async def stream(self, req: dict[str, Any]):
+    async def stream(self, req: dict[str, Any], model_id: str | None = None):
         """Yield {"text": piece} as tokens arrive, then {"finish_reason", ...}."""
         from transformers import TextIteratorStreamer
 
         req = self._defaults(req)
-        model_id = serve.get_multiplexed_model_id()
+        model_id = serve.get_multiplexed_model_id() if model_id is None else model_id
         ids = await self._admit(req, model_id)
         if isinstance(ids, dict):
             yield ids

@@ -68,6 +68,7 @@ class AppArgs(BaseModel):
     auth_token_env: str | None = None
     fast_path: bool = True
     gateway_replicas: int = Field(1, ge=1)
+    gateway: Literal["separate", "fused"] = "separate"
 
 
 # ---------------------------------------------------------------- requests

@@ -335,6 +335,11 @@ class ServeConfig(_Strict):
     gateway_replicas: int = Field(
         1, ge=1, description="Replicas of the HTTP gateway (validation, routing, the streamed events): a burst of "
         "requests is taken in by several processes at once. They reserve no CPU.")
+    gateway: Literal["separate", "fused"] = Field(
+        "separate", description="separate: a gateway deployment takes HTTP and forwards to the model deployments; "
+        "fused: where one text model is served, its own replicas take HTTP (the same routes, no hop between a "
+        "gateway and the model; gateway_replicas does not apply). With several models, or an NER model, the "
+        "gateway stays separate.")
 
 class MlflowTracking(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI: a server (http://...), sqlite:///FILE, "

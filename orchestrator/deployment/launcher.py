@@ -78,7 +78,7 @@ def app_args(cfgs: list[RunConfig], model_paths: list[str | None] | None = None,
         raise ConfigError(f"served model names must differ: {names}")
     return {"models": [model_spec(c, p, check) for c, p in zip(cfgs, paths, strict=True)],
             "auth_token_env": cfgs[0].serve.auth_token_env, "fast_path": cfgs[0].serve.fast_path,
-            "gateway_replicas": cfgs[0].serve.gateway_replicas}
+            "gateway_replicas": cfgs[0].serve.gateway_replicas, "gateway": cfgs[0].serve.gateway}
 
 
 def serve_config(args: dict[str, Any], host: str, port: int) -> str:
