@@ -53,7 +53,7 @@ class Tracker:
 
 
 def pct(xs, q):
-    xs = sorted(xs)
+    xs = sorted(x for x in xs if x == x)  # NaN: a request whose tokens decoded to no text (random weights)
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 5) if xs else None
 
 
