@@ -238,8 +238,6 @@ def family_model(kind: str):
 
 
 def part_families(tok) -> dict:
-    import torch
-
     out = {}
     for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma3"):
         model = family_model(kind)
@@ -249,7 +247,6 @@ def part_families(tok) -> dict:
         close(eng)
         del eng, model  # this frame's references too: the next family's engine sizes itself from free memory
         gc.collect()
-        torch.cuda.empty_cache()
         print(json.dumps({kind: out[kind]}), flush=True)
     for kind in out:
         out[kind]["vs_llama"] = round(out[kind]["tokens_per_s"] / out["llama"]["tokens_per_s"], 3)

@@ -26,7 +26,7 @@ class _Method:
 class LocalHandle:
     """The calls Gateway makes on a deployment handle, answered by the replica it runs in."""
 
-    local = True
+    app_name, deployment_name = None, "local"  # one deployment: /v1/stats lists it once
 
     def __init__(self, replica: TextGenerator, model_id: str = ""):
         self.replica, self.model_id = replica, model_id
@@ -59,6 +59,10 @@ class TextServer(Gateway, TextGenerator):
         names = [self.spec.name, *self.spec.adapters]
         Gateway.__init__(self, dict.fromkeys(names, handle), dict.fromkeys(names, "causal_lm"),
                          {n: n for n in self.spec.adapters}, auth_token_env)
+
+    def _loading(self) -> list[str]:
+        """Nothing: the replica answering /healthz is the model's own, built and loaded."""
+        return []
 
 
 TextServerIngress = serve.ingress(make_api())(TextServer)

@@ -210,8 +210,6 @@ class Gateway:
         status = serve.status()
         waiting = []
         for name, handle in self.routes.items():
-            if getattr(type(handle), "local", False):  # the replica answering is the model's own: it is loaded
-                continue
             app = status.applications.get(handle.app_name)
             dep = app.deployments.get(handle.deployment_name) if app else None
             running = sum(n for state, n in (dep.replica_states if dep else {}).items()
@@ -227,7 +225,7 @@ class Gateway:
             return denied
         seen, out = set(), {}
         for name, handle in self.routes.items():
-            key = (getattr(handle, "app_name", None), getattr(handle, "deployment_name", id(handle)))
+            key = (handle.app_name, handle.deployment_name)
             if key in seen:
                 continue
             seen.add(key)
