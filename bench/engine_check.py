@@ -11,6 +11,8 @@ invariance and the model families, each measured beside its counterpart in the s
   is prefilled (p50/p99), with the default chunk (512) and the prompt prefilled in one piece (4096).
 * ``inprocess``: the serving bench's load (32 and 64 callers, 200 + 128 tokens) on the engine alone, with its
   step time and the share of the loop spent waiting for the device.
+* ``profile``: a decode step's device time by kernel kind at 32 and 56 sequences (200 + about 60 positions), with
+  the bandwidth the matmuls (weights) and attention (cached k/v) achieve.
 * ``invariant``: tokens/s at 32 streams with ``batch_invariant`` off and on; a request's greedy tokens alone and
   among 31 others under each.
 * ``families``: Llama, Mistral, Qwen 2, Qwen 3 and Gemma 3 of about 1.3B parameters each (random weights, same
@@ -121,6 +123,60 @@ def part_inprocess(model, tok, vocab: int) -> dict:
         st = eng.stats()
         out[str(callers)] = r | {k: st[k] for k in ("step_ms_p50", "step_ms_p90", "mean_sequences_per_step",
                                                     "device_wait_share")}
+    close(eng)
+    return out
+
+
+def _kernel_kind(name: str) -> str:
+    for key in ("paged_attention", "rope_write", "norm_add", "act_mul", "lora", "_matmul_kernel"):
+        if key in name:
+            return key
+    if any(k in name for k in ("gemm", "nvjet", "cutlass", "sm90", "sm100", "xmma")):
+        return "matmul (cuBLAS)"
+    return "other: " + name[:60]
+
+
+def part_profile(model, tok, vocab: int) -> dict:
+    """Where a decode step's device time goes at the serving bench's loads (32 and 56 sequences of 200 prompt +
+    about 60 generated positions): kernel time per step by kind, the achieved bandwidth of the matmuls (weights)
+    and of attention (the sequences' cached k/v), beside the step's wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from serve.engine import Sampling
+
+    eng = make_engine(model, tok, max_len=1536)
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    fam = eng.fam
+    kv_per_pos = 2 * len(model.model.layers) * fam.kv_heads * fam.head_dim * 2
+    out = {"weight_bytes": weights}
+    for seqs in (32, 56):
+        trackers = [Tracker() for _ in range(seqs)]
+        for p, t in zip(random_prompts(seqs, 200, vocab, 21 + seqs), trackers, strict=True):
+            eng.submit(p, Sampling(max_tokens=128), t)
+        while len(eng.running) < seqs or any(s.sampled < 50 for s in list(eng.running)):
+            time.sleep(0.002)
+        s0, t0 = eng.counters["steps"], time.perf_counter()
+        ctx = sum(s.fed for s in list(eng.running)) / seqs
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            time.sleep(0.12)
+            torch.cuda.synchronize()
+        steps, wall = eng.counters["steps"] - s0, time.perf_counter() - t0
+        kinds: dict[str, float] = {}
+        for e in prof.key_averages():
+            us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+            if us and e.device_type is not None and "DeviceType.CUDA" in str(e.device_type):
+                kinds[_kernel_kind(e.key)] = kinds.get(_kernel_kind(e.key), 0.0) + us
+        for t in trackers:
+            t.done.wait(600)
+        per_step = {k: round(v / 1e3 / steps, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+        busy = sum(per_step.values())
+        mm, att = per_step.get("matmul (cuBLAS)", 0.0), per_step.get("paged_attention", 0.0)
+        out[str(seqs)] = {"steps": steps, "wall_ms_per_step": round(1e3 * wall / steps, 3),
+                          "kernel_ms_per_step": round(busy, 3), "mean_positions": round(ctx, 1),
+                          "matmul_gb_s": round(weights / (mm / 1e3) / 1e9) if mm else None,
+                          "attention_gb_s": round(seqs * ctx * kv_per_pos / (att / 1e3) / 1e9) if att else None,
+                          "by_kind_ms": per_step}
     close(eng)
     return out
 
