@@ -138,8 +138,9 @@ def _kernel_kind(name: str) -> str:
 
 def part_profile(model, tok, vocab: int) -> dict:
     """Where a decode step's device time goes at the serving bench's loads (32 and 56 sequences of 200 prompt +
-    about 60 generated positions): kernel time per step by kind, the achieved bandwidth of the matmuls (weights)
-    and of attention (the sequences' cached k/v), beside the step's wall time."""
+    50 or more generated positions, nothing else arriving): the step's wall time unprofiled (with 2, 3 and 4 steps
+    queued on the device), kernel time per step by kind, the share of the window the GPU was busy, and the
+    achieved bandwidth of the matmuls (weights) and of attention (the sequences' cached k/v)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -153,11 +154,19 @@ def part_profile(model, tok, vocab: int) -> dict:
     for seqs in (32, 56):
         trackers = [Tracker() for _ in range(seqs)]
         for p, t in zip(random_prompts(seqs, 200, vocab, 21 + seqs), trackers, strict=True):
-            eng.submit(p, Sampling(max_tokens=128), t)
+            eng.submit(p, Sampling(max_tokens=400), t)
         while len(eng.running) < seqs or any(s.sampled < 50 for s in list(eng.running)):
             time.sleep(0.002)
-        s0, t0 = eng.counters["steps"], time.perf_counter()
         ctx = sum(s.fed for s in list(eng.running)) / seqs
+        plain = []
+        for depth in (3, 2, 4, 3):  # the step's wall time unprofiled, with 2-4 steps queued on the device
+            eng.PIPELINE = depth
+            time.sleep(0.03)
+            s0, t0 = eng.counters["steps"], time.perf_counter()
+            time.sleep(0.1)
+            plain.append((depth, round(1e3 * (time.perf_counter() - t0) / (eng.counters["steps"] - s0), 3)))
+        eng.PIPELINE = 3
+        s0, t0 = eng.counters["steps"], time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             time.sleep(0.12)
             torch.cuda.synchronize()
@@ -167,12 +176,23 @@ def part_profile(model, tok, vocab: int) -> dict:
             us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
             if us and e.device_type is not None and "DeviceType.CUDA" in str(e.device_type):
                 kinds[_kernel_kind(e.key)] = kinds.get(_kernel_kind(e.key), 0.0) + us
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if "DeviceType.CUDA" in str(e.device_type) and e.time_range.end > e.time_range.start)
+        covered, reach = 0.0, None
+        for a, b in spans:  # the union of the kernels' intervals: how much of the window the GPU was busy
+            if reach is None or a > reach:
+                covered, reach = covered + (b - a), b
+            elif b > reach:
+                covered, reach = covered + (b - reach), b
+        span = (spans[-1][1] - spans[0][0]) if spans else 0.0
         for t in trackers:
             t.done.wait(600)
         per_step = {k: round(v / 1e3 / steps, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
         busy = sum(per_step.values())
         mm, att = per_step.get("matmul (cuBLAS)", 0.0), per_step.get("paged_attention", 0.0)
-        out[str(seqs)] = {"steps": steps, "wall_ms_per_step": round(1e3 * wall / steps, 3),
+        out[str(seqs)] = {"steps": steps, "wall_ms_per_step_unprofiled": plain,
+                          "wall_ms_per_step_profiled": round(1e3 * wall / steps, 3),
+                          "gpu_busy_share": round(covered / span, 3) if span else None,
                           "kernel_ms_per_step": round(busy, 3), "mean_positions": round(ctx, 1),
                           "matmul_gb_s": round(weights / (mm / 1e3) / 1e9) if mm else None,
                           "attention_gb_s": round(seqs * ctx * kv_per_pos / (att / 1e3) / 1e9) if att else None,
