@@ -98,7 +98,7 @@ if triton is not None:
     def _paged_attention_kernel(q, k_cache, v_cache, out, block_table, bt_stride, tile_row, tile_start, tile_len,
                                 pos, scale, window, s_cb, s_ch, s_ct,
                                 H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                                BLOCK_M: tl.constexpr, SINGLE: tl.constexpr):
+                                BLOCK_M: tl.constexpr, SINGLE: tl.constexpr, KB: tl.constexpr):
         t = tl.program_id(0)
         kh = tl.program_id(1)
         n = tl.load(tile_len + t)
@@ -119,10 +119,12 @@ if triton is not None:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D], tl.float32)
-            kt = tl.arange(0, BS)
-            for b in range(lo // BS, last // BS + 1):
-                blk = tl.load(block_table + row * bt_stride + b)
-                offs = blk * s_cb + kh * s_ch + kt[:, None] * s_ct + d[None, :]
+            kt = tl.arange(0, KB * BS)  # KB cache blocks per iteration: more of the cache in flight at once
+            nb = last // BS + 1
+            for b in range(lo // BS, nb, KB):
+                jb = b + kt // BS
+                blk = tl.load(block_table + row * bt_stride + jb, mask=jb < nb, other=0)  # past the end: block 0
+                offs = blk[:, None] * s_cb + kh * s_ch + (kt % BS)[:, None] * s_ct + d[None, :]
                 k = tl.load(k_cache + offs)
                 s = tl.dot(qv, tl.trans(k)) * scale
                 kp = b * BS + kt
@@ -234,7 +236,7 @@ def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     tile_row: torch.Tensor, tile_start: torch.Tensor, tile_len: torch.Tensor, pos: torch.Tensor,
-                    scale: float, window: int = 0, tile: int = 16) -> torch.Tensor:
+                    scale: float, window: int = 0, tile: int = 16, launch: dict | None = None) -> torch.Tensor:
     """Attention of ``q`` [T, H, D] over each token's own sequence: tile i is ``tile_len[i]`` consecutive tokens
     from ``tile_start[i]`` of the sequence whose blocks are ``block_table[tile_row[i]]`` (``tile_len`` 0: unused).
     Token t sees positions up to ``pos[t]`` (and above ``pos[t] - window`` when ``window``)."""
@@ -245,10 +247,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     grid = (tile_len.shape[0], kv_heads)
     # one launch for the one-token tiles (decoding sequences: few rows), one for the prompt tiles (many rows)
     for single, rows in ((True, _rows(1, group)), (False, _rows(tile, group))):
+        opts = {"KB": 1, "num_warps": 8 if d >= 256 and not single else 4}
+        opts.update((launch or {}).get("single" if single else "tile", {}))
         _paged_attention_kernel[grid](q, k_cache, v_cache, out, block_table, block_table.stride(0), tile_row,
                                       tile_start, tile_len, pos, scale, window, *k_cache.stride()[:3], H=heads,
-                                      GROUP=group, D=d, BS=k_cache.shape[2], BLOCK_M=rows, SINGLE=single,
-                                      num_warps=8 if d >= 256 and not single else 4)
+                                      GROUP=group, D=d, BS=k_cache.shape[2], BLOCK_M=rows, SINGLE=single, **opts)
     return out
 
 

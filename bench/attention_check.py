@@ -1,0 +1,92 @@
+"""The engine's paged attention for decoding tokens alone on a GPU: launch settings against the shipped ones.
+
+    python bench/attention_check.py [--tag TAG]
+
+Per shape (sequences x query heads / kv heads, head dim 128, blocks of 32 positions, about 250 cached positions
+each, blocks scattered over the cache as the engine's pool leaves them), the time of one launch and the bandwidth
+it reaches over the cached k/v it must read, for cache blocks per loop iteration (``KB``), warps and pipeline
+stages; each variant's output against the shipped setting's. Writes bench/results/attention_check[_TAG].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serve import kernels  # noqa: E402
+
+
+def case(seqs: int, heads: int, kv_heads: int, d: int = 128, bs: int = 32, ctx: int = 250, spread: int = 50):
+    dev = "cuda"
+    per = (ctx + spread) // bs + 2
+    total = seqs * per + 1
+    k = torch.randn(total, kv_heads, bs, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    table = torch.zeros(seqs, 48, dtype=torch.int32, device=dev)  # 1,536 positions of 32, as the engine's
+    table[:, :per] = (torch.randperm(total - 1, device=dev)[: seqs * per] + 1).view(seqs, per).to(torch.int32)
+    t = 64 if seqs > 32 else 32  # the step's bucket: rows past the sequences are padding (tile_len 0)
+    lens = torch.randint(ctx - spread, ctx + spread, (seqs,))
+    z = dict(dtype=torch.long, device=dev)
+    pos, tile_row, tile_start, tile_len = (torch.zeros(t, **z) for _ in range(4))
+    pos[:seqs], tile_row[:seqs], tile_start[:seqs], tile_len[:seqs] = lens.to(dev), torch.arange(seqs), \
+        torch.arange(seqs), 1
+    q = torch.randn(t, heads, d, device=dev, dtype=torch.bfloat16)
+    read = int((lens + 1).sum()) * kv_heads * d * 2 * 2
+    return (q, k, v, table, tile_row, tile_start, tile_len, pos), seqs, read
+
+
+def timed(args, launch, reps: int = 100) -> tuple[float, torch.Tensor]:
+    out = kernels.paged_attention(*args[:7], args[7], 0.088, 0, 16, launch)
+    for _ in range(3):
+        kernels.paged_attention(*args[:7], args[7], 0.088, 0, 16, launch)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        kernels.paged_attention(*args[:7], args[7], 0.088, 0, 16, launch)
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    res = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("BENCH_COMMIT"), "shapes": {}}
+    for seqs, heads, kv_heads in ((56, 32, 32), (32, 32, 32), (56, 32, 8)):
+        args, n, read = case(seqs, heads, kv_heads)
+        base_ms, base = timed(args, None)
+        rows = [{"KB": 1, "num_warps": 4, "num_stages": "default", "ms": round(base_ms, 4),
+                 "gb_s": round(read / base_ms / 1e6)}]
+        for kb, warps, stages in itertools.product((1, 2, 4), (4, 8), (2, 3, 4)):
+            launch = {"single": {"KB": kb, "num_warps": warps, "num_stages": stages}}
+            try:
+                ms, out = timed(args, launch)
+            except Exception as e:  # noqa: BLE001 (a setting the compiler refuses: recorded, not fatal)
+                rows.append({"KB": kb, "num_warps": warps, "num_stages": stages, "error": str(e)[:200]})
+                continue
+            err = (out[:n].float() - base[:n].float()).abs().max().item()
+            rows.append({"KB": kb, "num_warps": warps, "num_stages": stages, "ms": round(ms, 4),
+                         "gb_s": round(read / ms / 1e6), "max_abs_diff": round(err, 5)})
+        best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+        key = f"{seqs}x{heads}/{kv_heads}"
+        res["shapes"][key] = {"bytes": read, "shipped": rows[0], "best": best, "runs": rows}
+        print(json.dumps({key: {"shipped": rows[0], "best": best}}), flush=True)
+    name = f"attention_check{'_' + a.tag if a.tag else ''}.json"
+    for folder in {ROOT / "bench/results", Path(os.environ.get("OUT", ROOT / "bench/results"))}:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
