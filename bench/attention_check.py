@@ -76,7 +76,7 @@ def main() -> None:
     for seqs, heads, kv_heads, ctx in ((56, 32, 32, 250), (32, 32, 32, 250), (56, 32, 8, 250), (56, 32, 32, 1000)):
         args, n, read = case(seqs, heads, kv_heads, ctx=ctx)
         base_ms, base = timed(args, None)
-        rows = [{"KB": 1, "num_warps": 4, "num_stages": "default", "ms": round(base_ms, 4),
+        rows = [{"KB": "shipped", "num_warps": "shipped", "num_stages": "shipped", "ms": round(base_ms, 4),
                  "gb_s": round(read / base_ms / 1e6)}]
         for kb, warps, stages in itertools.product((1, 2, 4), (2, 4, 8), (2, 3, 4)):
             launch = {"single": {"KB": kb, "num_warps": warps, "num_stages": stages}}
@@ -89,7 +89,7 @@ def main() -> None:
             rows.append({"KB": kb, "num_warps": warps, "num_stages": stages, "ms": round(ms, 4),
                          "gb_s": round(read / ms / 1e6), "max_abs_diff": round(err, 5)})
         again, _ = timed(args, None)  # the shipped setting once more: the spread between two timings of one setting
-        rows.append({"KB": 1, "num_warps": 4, "num_stages": "default (again)", "ms": round(again, 4),
+        rows.append({"KB": "shipped", "num_warps": "shipped", "num_stages": "shipped (again)", "ms": round(again, 4),
                      "gb_s": round(read / again / 1e6)})
         best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"])
         key = f"{seqs}x{heads}/{kv_heads}@{ctx}"

@@ -48,6 +48,7 @@ class Gateway:
             raise RuntimeError(f"auth_token_env={auth_token_env}: that environment variable is not set")
         self.created = int(time.time())
         self.ready_at = -1e9  # when /healthz last found every model deployment running
+        self.streams: dict[str, Any] = {}  # served name -> its streaming method handle
 
     def _auth(self, request: Request):
         given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
@@ -118,8 +119,12 @@ class Gateway:
                                         kind="unavailable")
 
     async def _stream(self, handle, req: dict[str, Any], rid: str, name: str, kind: str, usage: bool = False):
+        method = self.streams.get(name)
+        if method is None:  # a handle per call costs the event loop; one per served model is enough
+            method = self.streams[name] = handle.options(stream=True).stream
+
         async def start():
-            gen = handle.options(stream=True).stream.remote(req)
+            gen = method.remote(req)
             try:
                 return gen, await gen.__anext__()
             except StopAsyncIteration:
