@@ -46,15 +46,42 @@ def pct(xs: list[float], q: float) -> float | None:
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 4)
 
 
+# A traced request's way to its first token, hop by hop: (name, from, to) over the server's ``: trace`` times and
+# the client's own (the server's clock is the client's: same host)
+HOPS = (
+    ("client -> gateway", "client_sent", "gateway_in"),
+    ("gateway", "gateway_in", "gateway_call"),
+    ("gateway -> replica", "gateway_call", "replica_in"),
+    ("replica admission", "replica_in", "engine_submit"),
+    ("engine: queue + prefill", "engine_submit", "engine_first"),
+    ("engine -> replica loop", "engine_first", "replica_first"),
+    ("replica -> gateway", "replica_first", "gateway_first"),
+    ("gateway -> client", "gateway_first", "client_first"),
+)
+
+
+def hop_times(traces: list[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Per hop, p50 and p90 of its milliseconds over the traced requests that have both ends."""
+    out = {}
+    for name, a, b in HOPS:
+        xs = [1e3 * (t[b] - t[a]) for t in traces if a in t and b in t]
+        out[name] = {"p50_ms": pct(xs, 0.5), "p90_ms": pct(xs, 0.9)}
+    return out
+
+
 async def drive(url: str, concurrency: int, per_client: int, max_tokens: int, texts: list[str],
-                models: list[str | None] | None = None, token: str | None = None) -> dict:
+                models: list[str | None] | None = None, token: str | None = None, trace: bool = False) -> dict:
     """``concurrency`` clients, each sending ``per_client`` requests one after the other (client i asks model
-    ``models[i % len(models)]``); generated tokens/s over the wall time, TTFT, latency, errors."""
+    ``models[i % len(models)]``); generated tokens/s over the wall time, TTFT, latency, errors. ``trace``: each
+    request asks for the server's hop times, and the result gains ``hops`` (``hop_times``)."""
     import httpx
 
     ttfts, latencies, gaps, tokens, errors = [], [], [], 0, 0
     error_codes: dict[str, int] = {}  # status (and the server's message) -> count
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if trace:
+        headers["x-orchestrator-trace"] = "1"
+    traces: list[dict[str, float]] = []
 
     async def one(h, text: str, model: str | None):
         nonlocal tokens, errors
@@ -62,7 +89,7 @@ async def drive(url: str, concurrency: int, per_client: int, max_tokens: int, te
                 "stream": True, "stream_options": {"include_usage": True}}
         if model:
             body["model"] = model
-        t0 = time.perf_counter()
+        t0, sent = time.perf_counter(), time.time()
         first = last = None
         async with h.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
             if r.status_code != 200:
@@ -71,6 +98,9 @@ async def drive(url: str, concurrency: int, per_client: int, max_tokens: int, te
                 error_codes[key] = error_codes.get(key, 0) + 1
                 return
             async for line in r.aiter_lines():
+                if line.startswith(": trace ") and first is not None:
+                    traces.append(json.loads(line[8:]) | {"client_sent": sent,
+                                                          "client_first": sent + (first - t0)})
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 ev = json.loads(line[6:])
@@ -103,7 +133,8 @@ async def drive(url: str, concurrency: int, per_client: int, max_tokens: int, te
             "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99), "latency_p50_s": pct(latencies, 0.5),
             "latency_p99_s": pct(latencies, 0.99), "stream_gap_p50_s": pct(gaps, 0.5),
             "stream_gap_p99_s": pct(gaps, 0.99),
-            "mean_tokens_per_request": round(tokens / max(1, concurrency * per_client - errors), 1)}
+            "mean_tokens_per_request": round(tokens / max(1, concurrency * per_client - errors), 1)} | (
+        {"hops": hop_times(traces), "traced": len(traces)} if trace else {})
 
 
 def level(url: str, concurrency: int, per_client: int, max_tokens: int, prompt_tokens: int, seed: int,

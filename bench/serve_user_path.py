@@ -3,7 +3,7 @@ transformers peer on the same card in the same call.
 
     python bench/serve_user_path.py --model DIR [--config configs/constitution-qa.yaml] [--set FIELD=VALUE ...]
         [--concurrency 1 8 32 64 128] [--per-client 2] [--repeat 3] [--prompt-tokens 200] [--max-tokens 128]
-        [--peer] [--tag T] [--direct]
+        [--peer] [--trace] [--tag T] [--direct]
 
 Starts the app as `orchestrator serve CONFIG --model DIR [--set ...]` does (``run_serve``: the config's serve
 section, readiness awaited), then at each concurrency drives closed-loop streaming clients
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--peer", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="each request asks for the server's hop times "
+                    "(x-orchestrator-trace); every pass gains the first token's time per hop")
     ap.add_argument("--tag", default="")
     ap.add_argument("--direct", action="store_true", help="clients skip Serve's HTTP proxy: Ray Serve's direct "
                     "ingress, the gateway replica's own port (measures what the proxy hop costs)")
@@ -101,7 +103,7 @@ def main() -> None:
         for rep in range(a.repeat):
             texts = prompts(c * a.per_client, a.prompt_tokens, c + 7919 * rep)
             before = stats(url)
-            r = asyncio.run(drive(url, c, a.per_client, a.max_tokens, texts))
+            r = asyncio.run(drive(url, c, a.per_client, a.max_tokens, texts, trace=a.trace))
             after = stats(url, r["wall_s"] + 0.2)
             r["engine_after"] = {k: v for k, v in after.items() if k in KEEP}
             # the engine's share of the pass: idle (no request in it), steps, its own submit -> first token

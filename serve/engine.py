@@ -92,6 +92,7 @@ class Sequence:
     paused: bool = False  # preempted: waits for its steps in flight, then waits in the queue again
     last_emit: float = 0.0
     submitted: float = 0.0  # perf_counter() when it reached the engine
+    first_token_at: float = 0.0  # perf_counter() when its first token was handed out
     stream: Any = None  # the tokenizer's streaming decoder state
     reason: str | None = None
     error: str | None = None
@@ -641,6 +642,7 @@ class Engine:
                 self.counters["tokens_generated"] += 1
                 if len(seq.tokens) == 1:
                     self.first_token.append((now, now - seq.submitted))
+                    seq.first_token_at = now
                 reason = self._detokenize(seq, now)
                 if reason is None and len(seq.tokens) >= seq.params.max_tokens:
                     reason = "length"

@@ -22,6 +22,9 @@ from ray.serve.exceptions import BackPressureError
 from serve.schemas import ChatRequest, CompletionRequest, EntitiesRequest, SamplingRequest
 
 STATIC = Path(__file__).resolve().parent / "static"
+# A streaming request with this header gets, before [DONE], an SSE comment ``: trace {...}``: the wall-clock times
+# (time.time()) at which it passed each hop on its way to the engine and its first token on the way back.
+TRACE_HEADER = "x-orchestrator-trace"
 READY_RECHECK_S = 5.0  # /healthz asks Serve for the replicas' states again after this long
 REPLICA_LOST = (RayActorError, ActorUnavailableError)  # a replica that died (or was lost) mid-request
 
@@ -85,6 +88,8 @@ class Gateway:
             return err
         name, handle = picked
         req = body.model_dump(exclude={"model", "stream", "stream_options"})
+        if body.stream and TRACE_HEADER in request.headers:
+            req["_trace"] = {"gateway_in": time.time()}
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -124,6 +129,8 @@ class Gateway:
             method = self.streams[name] = handle.options(stream=True).stream
 
         async def start():
+            if "_trace" in req:
+                req["_trace"]["gateway_call"] = time.time()
             gen = method.remote(req)
             try:
                 return gen, await gen.__anext__()
@@ -134,6 +141,9 @@ class Gateway:
         if err:
             return err
         gen, first = started
+        trace = first.pop("_trace", None)
+        if trace is not None:
+            trace["gateway_first"] = time.time()
         if "error" in first:
             return _error(first["status"], first["error"], first.get("param"))
         created = int(time.time())
@@ -172,6 +182,8 @@ class Gateway:
                                              else "text_completion", "created": created, "model": name,
                                              "choices": [], "usage": {**counts, "total_tokens": sum(counts.values())}}
                                             ) + "\n\n"
+            if trace is not None:
+                yield f": trace {json.dumps(trace)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

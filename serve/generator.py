@@ -212,8 +212,10 @@ class TextGenerator:
         """Recent batches as (size, seconds): generate calls, or the engine's decode steps."""
         return list(self.engine.steps) if self.engine is not None else list(self.batches)
 
-    async def _engine_events(self, req: dict[str, Any], ids: list[int], adapter: str | None = None):
-        """The engine's events for one request; closing this generator (client gone) frees its blocks."""
+    async def _engine_events(self, req: dict[str, Any], ids: list[int], adapter: str | None = None,
+                             trace: dict[str, float] | None = None):
+        """The engine's events for one request; closing this generator (client gone) frees its blocks. With
+        ``trace``, the first event carries it with the engine's and this loop's times added."""
         from serve.engine import Sampling
 
         loop = asyncio.get_running_loop()
@@ -227,6 +229,12 @@ class TextGenerator:
         try:
             while True:
                 ev = await queue.get()
+                if trace is not None:  # engine times are perf_counter(): to the wall clock by this moment's offset
+                    shift = time.time() - time.perf_counter()
+                    trace.update(engine_submit=seq.submitted + shift, replica_first=time.time())
+                    if seq.first_token_at:
+                        trace["engine_first"] = seq.first_token_at + shift
+                    ev, trace = {**ev, "_trace": trace}, None
                 # text that piled up while this consumer was busy goes out as one piece (one stream item)
                 while "text" in ev and not queue.empty():
                     nxt = queue.get_nowait()
@@ -421,6 +429,9 @@ class TextGenerator:
         """Yield {"text": piece} as tokens arrive, then {"finish_reason", ...}."""
         from transformers import TextIteratorStreamer
 
+        trace = req.pop("_trace", None)  # the gateway's hop times (x-orchestrator-trace)
+        if trace is not None:
+            trace["replica_in"] = time.time()
         req = self._defaults(req)
         model_id = serve.get_multiplexed_model_id() if model_id is None else model_id
         ids = await self._admit(req, model_id)
@@ -428,7 +439,7 @@ class TextGenerator:
             yield ids
             return
         if self.engine is not None:
-            async for ev in self._engine_events(req, ids, model_id or None):
+            async for ev in self._engine_events(req, ids, model_id or None, trace):
                 if "error" in ev:
                     yield {"finish_reason": "error"}
                     return

@@ -64,6 +64,12 @@ def test_the_model_replica_is_the_ingress_and_answers_every_route(fused):
         assert h.post(f"{URL}/v1/chat/completions", json={**ASK, "model": "nope"}).status_code == 404
 
 
+def test_a_traced_stream_reports_each_hop_inside_the_replica(fused):
+    from .test_serve import check_traced_stream
+
+    check_traced_stream(fused, "qa")
+
+
 def test_a_client_gone_mid_stream_frees_its_sequence(fused):
     with httpx.Client(timeout=60) as h:
         whole = h.post(f"{URL}/v1/chat/completions", json={**ASK, "model": "qa", "max_tokens": 600}).json()

@@ -104,6 +104,38 @@ def test_openai_client_completion_stream_and_models(app):
         assert page.status_code == 200 and "<textarea" in page.text
 
 
+TRACE_ORDER = ("gateway_in", "gateway_call", "replica_in", "engine_submit", "engine_first", "replica_first",
+               "gateway_first")
+
+
+def check_traced_stream(url: str, model: str, headers: dict[str, str] | None = None) -> None:
+    """A stream asked with x-orchestrator-trace ends with one ``: trace`` comment before [DONE] whose hop times lie
+    in order between the client's send and its last byte; the same request without the header gets none."""
+    body = {"model": model, "max_tokens": 8, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "What does Article 16 provide?"}]}
+    with httpx.Client(timeout=60) as h:
+        sent = time.time()
+        r = h.post(f"{url}/v1/chat/completions", json=body, headers={**(headers or {}), "x-orchestrator-trace": "1"})
+        done = time.time()
+        plain = h.post(f"{url}/v1/chat/completions", json=body, headers=headers or {})
+    assert r.status_code == 200 and plain.status_code == 200, (r.text, plain.text)
+    lines = [ln for ln in r.text.splitlines() if ln]
+    traces = [json.loads(ln[len(": trace "):]) for ln in lines if ln.startswith(": trace ")]
+    assert len(traces) == 1 and lines[-2].startswith(": trace ") and lines[-1] == "data: [DONE]", lines[-3:]
+    times = [sent, *(traces[0][k] for k in TRACE_ORDER), done]
+    hops = dict(zip(TRACE_ORDER, times[1:-1], strict=True))
+    assert all(b - a > -1e-3 for a, b in zip(times, times[1:], strict=False)), hops
+    assert ": trace" not in plain.text
+    text = [json.loads(ln[6:])["choices"][0]["delta"].get("content", "") for ln in lines
+            if ln.startswith("data: {")]
+    assert "".join(text) == "".join(json.loads(ln[6:])["choices"][0]["delta"].get("content", "")
+                                    for ln in plain.text.splitlines() if ln.startswith("data: {"))
+
+
+def test_a_traced_stream_reports_each_hop_to_its_first_token(app):
+    check_traced_stream(app, "constitution-qa", AUTH)
+
+
 def test_lora_adapters_multiplexed_on_one_base(app):
     from openai import OpenAI
 
