@@ -172,10 +172,14 @@ def part_profile(model, tok, vocab: int) -> dict:
             torch.cuda.synchronize()
         steps, wall = eng.counters["steps"] - s0, time.perf_counter() - t0
         kinds: dict[str, float] = {}
+        launches = 0  # paged attention runs twice per layer (decoding tokens, prompt tiles): steps the kernels saw
         for e in prof.key_averages():
             us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
             if us and e.device_type is not None and "DeviceType.CUDA" in str(e.device_type):
                 kinds[_kernel_kind(e.key)] = kinds.get(_kernel_kind(e.key), 0.0) + us
+                launches += e.count if _kernel_kind(e.key) == "paged_attention" else 0
+        if launches:
+            steps = launches / (2 * len(model.model.layers))
         spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                        if "DeviceType.CUDA" in str(e.device_type) and e.time_range.end > e.time_range.start)
         covered, reach = 0.0, None
