@@ -112,8 +112,8 @@ def main() -> None:
             if r["ttft_p50_s"] and after.get("engine_ttft_ms_p50") is not None:
                 r["http_ttft_ms_p50"] = round(1e3 * r["ttft_p50_s"] - after["engine_ttft_ms_p50"], 1)
             passes.append(r)
-        # the median pass by tokens/s stands for this concurrency; every pass's figure is kept beside it
-        r = sorted(passes, key=lambda p: p["tokens_per_s"])[len(passes) // 2]
+        # the median pass by tokens/s (the lower of the middle two) stands; every pass's figure is kept beside it
+        r = sorted(passes, key=lambda p: p["tokens_per_s"])[(len(passes) - 1) // 2]
         r = r | {"passes_tokens_per_s": [p["tokens_per_s"] for p in passes],
                  "passes_ttft_p99_s": [p["ttft_p99_s"] for p in passes],
                  "passes_errors": [p["errors"] for p in passes]}
