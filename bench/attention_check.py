@@ -24,6 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from serve import kernels  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+from record import write_result  # noqa: E402
+
 
 def case(seqs: int, heads: int, kv_heads: int, d: int = 128, bs: int = 32, ctx: int = 250, spread: int = 50):
     dev = "cuda"
@@ -95,10 +99,7 @@ def main() -> None:
         key = f"{seqs}x{heads}/{kv_heads}@{ctx}"
         res["shapes"][key] = {"bytes": read, "shipped": rows[0], "best": best, "runs": rows}
         print(json.dumps({key: {"shipped": rows[0], "best": best}}), flush=True)
-    name = f"attention_check{'_' + a.tag if a.tag else ''}.json"
-    for folder in {ROOT / "bench/results", Path(os.environ.get("OUT", ROOT / "bench/results"))}:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(res, indent=1))
+    write_result("attention_check", a.tag, res)
 
 
 if __name__ == "__main__":

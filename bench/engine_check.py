@@ -34,6 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from record import write_result  # noqa: E402
+
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
 
 
@@ -363,15 +367,8 @@ def main() -> None:
             res["parts"][part] = globals()[f"part_{part}"](model, tok, vocab)
         res["parts"][part]["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps({part: res["parts"][part]}), flush=True)
-        _write(res, a.tag)
+        write_result("engine_check", a.tag, res)
     print("engine_check done")
-
-
-def _write(res: dict, tag: str) -> None:
-    name = f"engine_check{'_' + tag if tag else ''}.json"
-    for folder in {ROOT / "bench/results", Path(os.environ.get("OUT", ROOT / "bench/results"))}:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from record import write_result  # noqa: E402
+
 PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -98,18 +100,11 @@ def main() -> None:
         res["results"].append(r)
         print(json.dumps({k: r[k] for k in ("concurrency", "adapters_used", "tokens_per_s", "ttft_p99_s", "errors",
                                             "vs_merged")}), flush=True)
-        _write(res, a.tag)
+        write_result("serve_multilora", a.tag, res)
     res["engine"] = stats(url)
     serve.shutdown()
     ray.shutdown()
-    _write(res, a.tag)
-
-
-def _write(res: dict, tag: str) -> None:
-    name = f"serve_multilora{'_' + tag if tag else ''}.json"
-    for folder in {ROOT / "bench/results", Path(os.environ.get("OUT", ROOT / "bench/results"))}:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(res, indent=1))
+    write_result("serve_multilora", a.tag, res)
 
 
 if __name__ == "__main__":

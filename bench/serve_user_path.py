@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from record import write_result  # noqa: E402
+
 
 def device_name() -> str:
     """The GPU's name without a CUDA context in this process (the replica sizes its cache from free memory)."""
@@ -119,7 +121,7 @@ def main() -> None:
                  "passes_errors": [p["errors"] for p in passes]}
         res["results"].append(r)
         print(json.dumps(r), flush=True)
-        _write(res, a.tag)
+        write_result("serve_user_path", a.tag, res)
     serve.shutdown()
     ray.shutdown()
     if a.peer:
@@ -128,7 +130,7 @@ def main() -> None:
             mine = next((r["tokens_per_s"] for r in res["results"] if str(r["concurrency"]) == c), None)
             if mine and res["peer"].get(c):
                 res.setdefault("vs_peer", {})[c] = round(mine / res["peer"][c], 3)
-    _write(res, a.tag)
+    write_result("serve_user_path", a.tag, res)
     print(json.dumps({k: res[k] for k in ("device", "peer", "ready_s")} | {"vs_peer": res.get("vs_peer")}))
 
 
@@ -148,13 +150,6 @@ def _gateway_port() -> str:
 def _commit() -> str | None:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return out.stdout.strip() or None
-
-
-def _write(res: dict, tag: str) -> None:
-    name = f"serve_user_path{'_' + tag if tag else ''}.json"
-    for folder in {ROOT / "bench/results", Path(os.environ.get("OUT", ROOT / "bench/results"))}:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

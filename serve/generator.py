@@ -242,7 +242,7 @@ class TextGenerator:
                         yield ev
                         ev = nxt
                         break
-                    ev = {"text": ev["text"] + nxt["text"]}
+                    ev = {**ev, "text": ev["text"] + nxt["text"]}  # a trace on the first piece stays on it
                 yield ev
                 if "finish_reason" in ev:
                     return
