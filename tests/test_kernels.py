@@ -2,7 +2,8 @@
 (paged attention over blocks with grouped-query heads and sliding windows, rotary with q/k norms and the cache
 write, the fused norms, GELU-tanh and SiLU, the LoRA segments, the batch-invariant matmul), and the engine on it
 decoding greedily token for token as transformers' generate does, for the families with their own attention
-pieces and for LoRA adapters mixed in one step."""
+pieces and for LoRA adapters mixed in one step; and the training step's loss kernel (orchestrator/training/kernels.py)
+against PyTorch and cross-entropy."""
 
 from __future__ import annotations
 
@@ -146,6 +147,39 @@ ENGINE = textwrap.dedent("""
     print("batch invariant")
 """)
 
+LOSS = textwrap.dedent("""
+    import torch
+    from orchestrator.training import kernels
+    from orchestrator.training.step_graph import ChunkedCrossEntropy
+
+    torch.manual_seed(0)
+    V = 50
+    for dtype in (torch.float32, torch.bfloat16):
+        for block in (None, 16):  # one pass over the row, or four with a masked tail
+            logits = (torch.randn(9, V) * 4).to(dtype)
+            labels = torch.randint(0, V, (9,))
+            labels[::3] = -100
+            n = (labels != -100).sum()
+            got, ref = logits.clone(), logits.clone()
+            loss = kernels.cross_entropy_grad_(got, labels, n, block=block)
+            ref_loss = kernels._torch_cross_entropy_grad_(ref, labels, n)
+            assert torch.allclose(loss, ref_loss, atol=1e-5), (loss, ref_loss)
+            assert (loss[::3] == 0).all() and (got[::3] == 0).all()  # unlabelled rows: no loss, no gradient
+            ulp = 2.0 ** -10 if dtype == torch.bfloat16 else 1e-7  # rounding of a gradient below 0.25 to bf16
+            assert (got.float() - ref.float()).abs().max() <= ulp, (got - ref).abs().max()
+
+    hidden = torch.randn(37, 16, requires_grad=True)
+    head = torch.randn(V, 16)  # frozen, as in a LoRA run: the kernel turns each chunk's logits into the gradient
+    labels = torch.randint(0, V, (37,))
+    labels[::4] = -100
+    ref = torch.nn.functional.cross_entropy(hidden @ head.t(), labels)
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    got = ChunkedCrossEntropy.apply(hidden, head, labels, 8)
+    (grad,) = torch.autograd.grad(got, hidden)
+    assert abs(got.item() - ref.item()) < 1e-5 and torch.allclose(grad, ref_grad, atol=1e-6)
+    print("loss kernel matches")
+""")
+
 
 def _interpret(script: str, *args: str) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
@@ -162,3 +196,7 @@ def test_triton_kernels_match_pytorch():
 def test_triton_engine_matches_generate_for_families_adapters_and_batch_invariance(tmp_path):
     out = _interpret(ENGINE, str(tmp_path))
     assert "families match generate" in out and "adapters match merged" in out and "batch invariant" in out
+
+
+def test_the_training_loss_kernel_matches_pytorch_and_cross_entropy():
+    assert "loss kernel matches" in _interpret(LOSS)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from orchestrator.training.flat_params import FlatParameters
+from orchestrator.training.kernels import cross_entropy_grad_
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 ignored), ``chunk`` tokens at a time,
     in fixed shapes (CUDA-graph safe): at most one chunk's fp32 logits are alive. ``hidden`` [T, H], ``weight``
     [V, H] (the LM head), ``labels`` [T]. With a frozen head (LoRA) the gradient for ``hidden`` is computed in
-    the forward, from the logits it has anyway, and kept in place of ``hidden``: the backward only scales it
-    (no second pass through the head). A trained head keeps ``hidden`` and recomputes each chunk's logits."""
+    the forward, from the logits it has anyway (turned into their gradient in place by one Triton kernel on a GPU,
+    :mod:`orchestrator.training.kernels`), and kept in place of ``hidden``: the backward only scales it (no second
+    pass through the head). A trained head keeps ``hidden`` and recomputes each chunk's logits."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -224,15 +226,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         d_hidden = torch.empty_like(hidden) if early else None
         for s in range(0, hidden.shape[0], chunk):
             lab = labels[s:s + chunk]
-            logits = (hidden[s:s + chunk] @ weight.t()).float()
+            logits = hidden[s:s + chunk] @ weight.t()
+            if early:  # the logits become d(loss)/d(logits) = (softmax - one-hot) / n on labelled tokens, in place
+                total += cross_entropy_grad_(logits, lab, n).sum()
+                d_hidden[s:s + chunk] = logits @ weight
+                continue
+            logits = logits.float()
             lse = torch.logsumexp(logits, -1)
             target = logits.gather(1, lab.clamp_min(0)[:, None])[:, 0]
             total += ((lse - target) * keep[s:s + chunk]).sum()
-            if early:  # d(loss)/d(logits) = (softmax - one-hot) / n on labelled tokens
-                p = logits.sub_(lse[:, None]).exp_()
-                p.scatter_add_(1, lab.clamp_min(0)[:, None], torch.full_like(p[:, :1], -1.0))
-                p *= (keep[s:s + chunk] / n)[:, None]
-                d_hidden[s:s + chunk] = p.to(hidden.dtype) @ weight
         if early:
             ctx.save_for_backward(d_hidden)
         else:
