@@ -3,12 +3,13 @@ transformers peer on the same card in the same call.
 
     python bench/serve_user_path.py --model DIR [--config configs/constitution-qa.yaml] [--set FIELD=VALUE ...]
         [--concurrency 1 8 32 64 128] [--per-client 2] [--repeat 3] [--prompt-tokens 200] [--max-tokens 128]
-        [--peer] [--trace] [--tag T] [--direct]
+        [--client-procs N] [--peer] [--trace] [--tag T] [--direct]
 
 Starts the app as `orchestrator serve CONFIG --model DIR [--set ...]` does (``run_serve``: the config's serve
 section, readiness awaited), then at each concurrency drives closed-loop streaming clients
 (``/v1/chat/completions``, ``stream: true``, temperature 0, distinct prompts of about ``--prompt-tokens`` tokens,
-``--max-tokens`` new tokens) after a warm-up pass, ``--repeat`` measured passes (new prompts each; the median pass
+``--max-tokens`` new tokens; spread over processes of 16 clients that keep their connections, ``--client-procs``)
+after a warm-up pass, ``--repeat`` measured passes (new prompts each; the median pass
 by tokens/s is the result, every pass's figure beside it), reading the engine's own figures from ``/v1/stats``. Then it
 shuts Serve and Ray down and, with ``--peer``, runs bench/peer_decode.py (transformers, static cache, compiled,
 one static batch, no server) at 32 and 64 on the freed card. Writes bench/results/serve_user_path[_TAG].json
@@ -78,13 +79,16 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true", help="each request asks for the server's hop times "
                     "(x-orchestrator-trace); every pass gains the first token's time per hop")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--client-procs", type=int, default=None, help="processes the clients are spread over, each "
+                    "keeping its connections from the warm-up on (unset: one per 16 clients; 0: all clients in this "
+                    "process over a new connection pool per pass, as before)")
     ap.add_argument("--direct", action="store_true", help="clients skip Serve's HTTP proxy: Ray Serve's direct "
                     "ingress, the gateway replica's own port (measures what the proxy hop costs)")
     a = ap.parse_args()
     if a.direct:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     import ray
-    from clients import drive, prompts, use_tokenizer
+    from clients import ClientPool, client_procs, drive, prompts, use_tokenizer
     from ray import serve
 
     from orchestrator.deployment.launcher import run_serve
@@ -100,20 +104,28 @@ def main() -> None:
         url = res["url"] = _gateway_port()
     res["engine"] = stats(url)
     for c in a.concurrency:
-        asyncio.run(drive(url, c, 1, a.max_tokens, prompts(c, a.prompt_tokens, c + 1000)))  # warm-up, not counted
+        procs = client_procs(c) if a.client_procs is None else a.client_procs
+        pool = ClientPool(procs) if procs else None
+        run = pool.drive if pool else (lambda *args, **kw: asyncio.run(drive(*args, **kw)))
+        run(url, c, 1, a.max_tokens, prompts(c, a.prompt_tokens, c + 1000))  # warm-up, not counted
         passes = []
         for rep in range(a.repeat):
             texts = prompts(c * a.per_client, a.prompt_tokens, c + 7919 * rep)
             before = stats(url)
-            r = asyncio.run(drive(url, c, a.per_client, a.max_tokens, texts, trace=a.trace))
+            t_before = time.perf_counter()
+            r = run(url, c, a.per_client, a.max_tokens, texts, trace=a.trace) | {"client_procs": procs}
+            outside = time.perf_counter() - t_before - r["wall_s"]  # the engine idles between the snapshots and the pass
             after = stats(url, r["wall_s"] + 0.2)
             r["engine_after"] = {k: v for k, v in after.items() if k in KEEP}
             # the engine's share of the pass: idle (no request in it), steps, its own submit -> first token
-            r["engine_idle_share"] = round((after["idle_s"] - before["idle_s"]) / r["wall_s"], 3)
+            idle = max(0.0, after["idle_s"] - before["idle_s"] - outside)
+            r["engine_idle_share"] = round(idle / r["wall_s"], 3)
             r["engine_steps"] = after["steps"] - before["steps"]
             if r["ttft_p50_s"] and after.get("engine_ttft_ms_p50") is not None:
                 r["http_ttft_ms_p50"] = round(1e3 * r["ttft_p50_s"] - after["engine_ttft_ms_p50"], 1)
             passes.append(r)
+        if pool:
+            pool.close()
         # the median pass by tokens/s (the lower of the middle two) stands; every pass's figure is kept beside it
         r = sorted(passes, key=lambda p: p["tokens_per_s"])[(len(passes) - 1) // 2]
         r = r | {"passes_tokens_per_s": [p["tokens_per_s"] for p in passes],

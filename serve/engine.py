@@ -176,6 +176,7 @@ class Engine:
         self.waited = 0.0  # seconds the loop spent waiting for the device (the rest: host work)
         self.looped = 0.0
         self.idle = 0.0  # seconds the loop had nothing to run (no request in the engine)
+        self.idle_since: float | None = None  # when the idle stretch going on now began
         self.first_token: deque[tuple[float, float]] = deque(maxlen=4000)  # (when, seconds from submit) per request
         self.buckets = _buckets(min(self.max_tokens_step, 1 << 16)) if self.graphs_on else []
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, Batch]] = {}
@@ -225,6 +226,10 @@ class Engine:
                 + (f", {len(self.graphs)} CUDA graphs" if self.graphs_on else "")
                 + (f", {self.adapters.slots} adapter slots" if self.adapters else ""))
 
+    def _idle_now(self) -> float:
+        since = self.idle_since
+        return time.perf_counter() - since if since is not None else 0.0
+
     def stats(self, window_s: float | None = None) -> dict[str, Any]:
         """What the engine chose and how it runs: the last 500 steps' times, and the time from a request reaching
         the engine to its first token (requests of the last ``window_s`` seconds, else the last 500)."""
@@ -237,7 +242,7 @@ class Engine:
                **_percentiles("step_ms", [t for _, t in recent], (50, 90)),
                "mean_sequences_per_step": round(sum(n for n, _ in recent) / len(recent), 1) if recent else None,
                "device_wait_share": round(self.waited / self.looped, 3) if self.looped else None,
-               "idle_s": round(self.idle, 3), **_percentiles("engine_ttft_ms", firsts)}
+               "idle_s": round(self.idle + self._idle_now(), 3), **_percentiles("engine_ttft_ms", firsts)}
         if self.adapters:
             out.update(self.adapters.report())
         return out
@@ -586,10 +591,11 @@ class Engine:
                 while True:
                     with self.cv:
                         if not self.stopped and not self.waiting and not self.running and not queued:
-                            t_idle = time.perf_counter()
+                            self.idle_since = t_idle = time.perf_counter()
                             while not self.stopped and not self.waiting and not self.running:
                                 self.cv.wait()
                             self.idle += time.perf_counter() - t_idle
+                            self.idle_since = None
                             last = time.perf_counter()
                         if self.stopped:
                             break

@@ -161,6 +161,25 @@ def test_cancel_frees_the_slot_and_no_request_waits_forever(lm):
     engine.shutdown()
 
 
+def test_idle_time_counts_the_stretch_going_on_and_stops_while_a_request_runs(lm):
+    model, tok = lm
+    engine = Engine(model, tok, max_seqs=4, max_len=2048)
+    time.sleep(0.3)  # nothing submitted yet: the engine is idle now, and its stats say so before anything arrives
+    first = engine.stats()["idle_s"]
+    assert first >= 0.25
+    time.sleep(0.2)
+    assert engine.stats()["idle_s"] >= first + 0.15
+    engine.eos = set()
+    seq, c = run(engine, prompts(tok, 1)[0], Sampling(max_tokens=2000))
+    time.sleep(0.3)
+    busy = engine.stats()["idle_s"]
+    time.sleep(0.2)
+    assert not c.done.is_set() and engine.stats()["idle_s"] - busy < 0.05  # decoding: no idle time added
+    seq.cancel()
+    assert c.result()["finish_reason"] == "cancelled"
+    engine.shutdown()
+
+
 def test_seeded_sampling_repeats_whatever_the_batch(lm, engine):
     _, tok = lm
     engine.eos = set()
