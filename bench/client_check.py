@@ -15,7 +15,6 @@ to the server's arrival stamp. Writes bench/results/client_check[_TAG].json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from clients import ClientPool, NullServer, client_procs, drive, prompts  # noqa: E402
+from clients import NullServer, client_procs, passes, prompts  # noqa: E402
 from record import write_result  # noqa: E402
 
 
@@ -43,19 +42,16 @@ def main() -> None:
         for c in a.concurrency:
             ideal = c * a.events / (a.events * a.interval)
             for procs in dict.fromkeys((0, 1, client_procs(c))):
-                pool = ClientPool(procs) if procs else None
-                run = pool.drive if pool else (lambda *args, **kw: asyncio.run(drive(*args, **kw)))
-                run(server.url, c, 1, a.events, prompts(c, 50, 1000 + c))  # warm-up
-                passes = [run(server.url, c, 2, a.events, prompts(2 * c, 50, rep), trace=True)
-                          for rep in range(a.repeat)]
-                if pool:
-                    pool.close()
-                r = sorted(passes, key=lambda p: p["tokens_per_s"])[(len(passes) - 1) // 2]
+                with passes(c, procs) as run:
+                    run(server.url, c, 1, a.events, prompts(c, 50, 1000 + c))  # warm-up
+                    done = [run(server.url, c, 2, a.events, prompts(2 * c, 50, rep), trace=True)
+                            for rep in range(a.repeat)]
+                r = sorted(done, key=lambda p: p["tokens_per_s"])[(len(done) - 1) // 2]
                 row = {"concurrency": c, "clients": f"{procs} process(es), connections kept" if procs else
                        "this process, new connections per pass", "tokens_per_s": r["tokens_per_s"],
                        "of_ideal": round(r["tokens_per_s"] / ideal, 3), "ttft_p50_s": r["ttft_p50_s"],
                        "ttft_p99_s": r["ttft_p99_s"], "send_to_server": r["hops"]["client -> gateway"],
-                       "passes_tokens_per_s": [p["tokens_per_s"] for p in passes]}
+                       "passes_tokens_per_s": [p["tokens_per_s"] for p in done]}
                 res["results"].append(row)
                 print(json.dumps(row), flush=True)
     write_result("client_check", a.tag, res)

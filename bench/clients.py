@@ -5,6 +5,7 @@ tokens asked. Used by bench/serve_user_path.py and bench/serve_multilora.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import random
@@ -317,13 +318,25 @@ def client_procs(concurrency: int, per_process: int = 16) -> int:
     return max(1, -(-concurrency // per_process))
 
 
+@contextlib.contextmanager
+def passes(concurrency: int, procs: int | None = None):
+    """A function running one pass, with :func:`drive`'s arguments: over a :class:`ClientPool` of ``procs``
+    processes (unset: :func:`client_procs`), or with 0 in this process over a new connection pool per pass."""
+    procs = client_procs(concurrency) if procs is None else procs
+    if not procs:
+        yield lambda *args, **kw: asyncio.run(drive(*args, **kw)) | {"client_procs": 0}
+        return
+    with ClientPool(procs) as pool:
+        yield pool.drive
+
+
 def level(url: str, concurrency: int, per_client: int, max_tokens: int, prompt_tokens: int, seed: int,
-          models: list[str | None] | None = None, prefix: str = "") -> dict:
-    """A warm-up pass (one request per client, not counted), then the measured pass."""
-    warm = prompts(concurrency, prompt_tokens, seed + 1000, prefix)
-    asyncio.run(drive(url, concurrency, 1, max_tokens, warm, models))
-    texts = prompts(concurrency * per_client, prompt_tokens, seed, prefix)
-    return asyncio.run(drive(url, concurrency, per_client, max_tokens, texts, models))
+          models: list[str | None] | None = None, prefix: str = "", procs: int | None = None) -> dict:
+    """A warm-up pass (one request per client, not counted), then the measured pass (clients as :func:`passes`)."""
+    with passes(concurrency, procs) as run:
+        run(url, concurrency, 1, max_tokens, prompts(concurrency, prompt_tokens, seed + 1000, prefix), models)
+        texts = prompts(concurrency * per_client, prompt_tokens, seed, prefix)
+        return run(url, concurrency, per_client, max_tokens, texts, models)
 
 
 def median(xs: list[float]) -> float:

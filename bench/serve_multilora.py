@@ -1,13 +1,14 @@
 """Many LoRA adapters on one base at engine speed, against the merged single model in the same call.
 
     python bench/serve_multilora.py --model DIR [--config configs/constitution-qa.yaml] [--adapters 8] [--rank 16]
-        [--plan 32:8 64:4] [--per-client 2] [--prompt-tokens 200] [--max-tokens 128] [--set FIELD=VALUE ...] [--tag T]
+        [--plan 32:8 64:4] [--per-client 2] [--prompt-tokens 200] [--max-tokens 128] [--set FIELD=VALUE ...]
+        [--client-procs N] [--tag T]
 
 Writes ``--adapters`` random LoRA adapters (rank ``--rank`` on the seven projections, PEFT's file layout) for the
 base in ``--model``, serves them with `orchestrator serve CONFIG --model DIR --adapter aI=DIR ...` (``run_serve``),
 and for each ``CLIENTS:ADAPTERS`` of ``--plan`` drives streaming chat clients spread evenly over that many
-adapters, then the same clients on the base itself (no adapter rows: a merged model of the same shape). Writes
-bench/results/serve_multilora[_TAG].json with ``device``, ``adapters``, ``results`` and ``merged_tokens_per_s``.
+adapters (in processes of 16 clients, bench/clients.py's ClientPool), then the same clients on the base itself (no
+adapter rows: a merged model of the same shape). Writes bench/results/serve_multilora[_TAG].json with ``device``, ``adapters``, ``results`` and ``merged_tokens_per_s``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--client-procs", type=int, default=None, help="processes the clients are spread over (unset: "
+                    "one per 16 clients; 0: all in this process over a new connection pool per pass, as before)")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     import ray
@@ -91,9 +94,10 @@ def main() -> None:
     for item in a.plan:
         clients, n = map(int, item.split(":"))
         names = [f"a{i}" for i in range(n)]
-        r = level(url, clients, a.per_client, a.max_tokens, a.prompt_tokens, seed=clients, models=names)
+        r = level(url, clients, a.per_client, a.max_tokens, a.prompt_tokens, seed=clients, models=names,
+                  procs=a.client_procs)
         r["adapters_used"] = n
-        base = level(url, clients, a.per_client, a.max_tokens, a.prompt_tokens, seed=clients + 7)
+        base = level(url, clients, a.per_client, a.max_tokens, a.prompt_tokens, seed=clients + 7, procs=a.client_procs)
         res["merged_tokens_per_s"][str(clients)] = base["tokens_per_s"]
         r["vs_merged"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3) if base["tokens_per_s"] else None
         r["merged"] = base

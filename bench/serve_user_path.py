@@ -19,7 +19,6 @@ with ``device``, ``config``, ``overrides``, ``results`` and ``peer``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -88,7 +87,7 @@ def main() -> None:
     if a.direct:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     import ray
-    from clients import ClientPool, client_procs, drive, prompts, use_tokenizer
+    from clients import passes, prompts, use_tokenizer
     from ray import serve
 
     from orchestrator.deployment.launcher import run_serve
@@ -104,33 +103,29 @@ def main() -> None:
         url = res["url"] = _gateway_port()
     res["engine"] = stats(url)
     for c in a.concurrency:
-        procs = client_procs(c) if a.client_procs is None else a.client_procs
-        pool = ClientPool(procs) if procs else None
-        run = pool.drive if pool else (lambda *args, **kw: asyncio.run(drive(*args, **kw)))
-        run(url, c, 1, a.max_tokens, prompts(c, a.prompt_tokens, c + 1000))  # warm-up, not counted
-        passes = []
-        for rep in range(a.repeat):
-            texts = prompts(c * a.per_client, a.prompt_tokens, c + 7919 * rep)
-            before = stats(url)
-            t_before = time.perf_counter()
-            r = run(url, c, a.per_client, a.max_tokens, texts, trace=a.trace) | {"client_procs": procs}
-            outside = time.perf_counter() - t_before - r["wall_s"]  # the engine idles between the snapshots and the pass
-            after = stats(url, r["wall_s"] + 0.2)
-            r["engine_after"] = {k: v for k, v in after.items() if k in KEEP}
-            # the engine's share of the pass: idle (no request in it), steps, its own submit -> first token
-            idle = max(0.0, after["idle_s"] - before["idle_s"] - outside)
-            r["engine_idle_share"] = round(idle / r["wall_s"], 3)
-            r["engine_steps"] = after["steps"] - before["steps"]
-            if r["ttft_p50_s"] and after.get("engine_ttft_ms_p50") is not None:
-                r["http_ttft_ms_p50"] = round(1e3 * r["ttft_p50_s"] - after["engine_ttft_ms_p50"], 1)
-            passes.append(r)
-        if pool:
-            pool.close()
+        done = []
+        with passes(c, a.client_procs) as run:
+            run(url, c, 1, a.max_tokens, prompts(c, a.prompt_tokens, c + 1000))  # warm-up, not counted
+            for rep in range(a.repeat):
+                texts = prompts(c * a.per_client, a.prompt_tokens, c + 7919 * rep)
+                before = stats(url)
+                t_before = time.perf_counter()
+                r = run(url, c, a.per_client, a.max_tokens, texts, trace=a.trace)
+                outside = time.perf_counter() - t_before - r["wall_s"]  # the engine idles around the pass
+                after = stats(url, r["wall_s"] + 0.2)
+                r["engine_after"] = {k: v for k, v in after.items() if k in KEEP}
+                # the engine's share of the pass: idle (no request in it), steps, its own submit -> first token
+                idle = max(0.0, after["idle_s"] - before["idle_s"] - outside)
+                r["engine_idle_share"] = round(idle / r["wall_s"], 3)
+                r["engine_steps"] = after["steps"] - before["steps"]
+                if r["ttft_p50_s"] and after.get("engine_ttft_ms_p50") is not None:
+                    r["http_ttft_ms_p50"] = round(1e3 * r["ttft_p50_s"] - after["engine_ttft_ms_p50"], 1)
+                done.append(r)
         # the median pass by tokens/s (the lower of the middle two) stands; every pass's figure is kept beside it
-        r = sorted(passes, key=lambda p: p["tokens_per_s"])[(len(passes) - 1) // 2]
-        r = r | {"passes_tokens_per_s": [p["tokens_per_s"] for p in passes],
-                 "passes_ttft_p99_s": [p["ttft_p99_s"] for p in passes],
-                 "passes_errors": [p["errors"] for p in passes]}
+        r = sorted(done, key=lambda p: p["tokens_per_s"])[(len(done) - 1) // 2]
+        r = r | {"passes_tokens_per_s": [p["tokens_per_s"] for p in done],
+                 "passes_ttft_p99_s": [p["ttft_p99_s"] for p in done],
+                 "passes_errors": [p["errors"] for p in done]}
         res["results"].append(r)
         print(json.dumps(r), flush=True)
         write_result("serve_user_path", a.tag, res)
