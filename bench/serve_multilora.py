@@ -8,7 +8,8 @@ Writes ``--adapters`` random LoRA adapters (rank ``--rank`` on the seven project
 base in ``--model``, serves them with `orchestrator serve CONFIG --model DIR --adapter aI=DIR ...` (``run_serve``),
 and for each ``CLIENTS:ADAPTERS`` of ``--plan`` drives streaming chat clients spread evenly over that many
 adapters (in processes of 16 clients, bench/clients.py's ClientPool), then the same clients on the base itself (no
-adapter rows: a merged model of the same shape). Writes bench/results/serve_multilora[_TAG].json with ``device``, ``adapters``, ``results`` and ``merged_tokens_per_s``.
+adapter rows: a merged model of the same shape). Writes bench/results/serve_multilora[_TAG].json with ``device``,
+``adapters``, ``results`` and ``merged_tokens_per_s``.
 """
 
 from __future__ import annotations
