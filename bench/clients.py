@@ -169,8 +169,12 @@ def _worker(conn) -> None:
                 raw = _raw()
                 await asyncio.sleep(max(0.0, job["start_at"] - time.time()))
                 start = time.time()
-                await _run(h, job["url"], job["clients"], job["per_client"], job["max_tokens"], job["texts"],
-                           job["models"], job["headers"], raw)
+                try:
+                    await _run(h, job["url"], job["clients"], job["per_client"], job["max_tokens"], job["texts"],
+                               job["models"], job["headers"], raw)
+                except Exception as e:  # noqa: BLE001 (the pass fails in the caller, with this process's reason)
+                    conn.send({"failed": f"{type(e).__name__}: {e}"})
+                    continue
                 conn.send(raw | {"start": start, "end": time.time()})
 
     asyncio.run(main())
@@ -203,6 +207,9 @@ class ClientPool:
             conn.send({"url": url, "clients": clients, "per_client": per_client, "max_tokens": max_tokens,
                        "texts": texts, "models": models, "headers": _headers(token, trace), "start_at": start_at})
         parts = [conn.recv() for conn, _ in busy]
+        failed = [p["failed"] for p in parts if "failed" in p]
+        if failed:
+            raise RuntimeError(f"a client process failed: {failed[0]}")
         raw = _raw()
         for part in parts:
             for key in ("ttfts", "latencies", "gaps", "traces"):

@@ -42,5 +42,13 @@ def test_clients_over_processes_count_what_one_process_counts_and_keep_their_con
     assert mixed["error_codes"] == {'503 {"error": "at capacity"}': 2}
 
 
+def test_a_pass_that_cannot_connect_fails_with_the_reason_and_the_pool_goes_on(server):
+    texts = clients.prompts(2, 10)
+    with clients.ClientPool(2) as pool:
+        with pytest.raises(RuntimeError, match="a client process failed: ConnectError"):
+            pool.drive("http://127.0.0.1:9", 2, 1, 8, texts)  # nothing listens on port 9
+        assert pool.drive(server.url, 2, 1, 8, texts)["tokens"] == 2 * EVENTS
+
+
 def test_client_processes_one_per_sixteen_clients():
     assert [clients.client_procs(c) for c in (1, 16, 17, 64, 128)] == [1, 1, 2, 4, 8]
