@@ -226,9 +226,11 @@ class Engine:
                 + (f", {len(self.graphs)} CUDA graphs" if self.graphs_on else "")
                 + (f", {self.adapters.slots} adapter slots" if self.adapters else ""))
 
-    def _idle_now(self) -> float:
-        since = self.idle_since
-        return time.perf_counter() - since if since is not None else 0.0
+    def _idle_total(self) -> float:
+        """Idle seconds so far, the stretch going on included (read under the lock the loop updates them in)."""
+        with self.cv:
+            since = self.idle_since
+            return self.idle + (time.perf_counter() - since if since is not None else 0.0)
 
     def stats(self, window_s: float | None = None) -> dict[str, Any]:
         """What the engine chose and how it runs: the last 500 steps' times, and the time from a request reaching
@@ -242,7 +244,7 @@ class Engine:
                **_percentiles("step_ms", [t for _, t in recent], (50, 90)),
                "mean_sequences_per_step": round(sum(n for n, _ in recent) / len(recent), 1) if recent else None,
                "device_wait_share": round(self.waited / self.looped, 3) if self.looped else None,
-               "idle_s": round(self.idle + self._idle_now(), 3), **_percentiles("engine_ttft_ms", firsts)}
+               "idle_s": round(self._idle_total(), 3), **_percentiles("engine_ttft_ms", firsts)}
         if self.adapters:
             out.update(self.adapters.report())
         return out
