@@ -27,6 +27,7 @@ from serve import kernels  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 
 from record import write_result  # noqa: E402
+from timing import replay_ms  # noqa: E402
 
 
 def case(seqs: int, heads: int, kv_heads: int, d: int = 128, bs: int = 32, ctx: int = 250, spread: int = 50):
@@ -61,14 +62,7 @@ def timed(args, launch, layers: int = 32, reps: int = 10) -> tuple[float, torch.
     with torch.cuda.graph(g):
         for _ in range(layers):
             kernels.paged_attention(*args, 0.088, 0, 16, launch)
-    g.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps / layers, out
+    return replay_ms(g, reps) / layers, out
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from orchestrator.training.step_graph import ChunkedCrossEntropy  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 
 from record import write_result  # noqa: E402
+from timing import replay_ms  # noqa: E402
 
 
 def run(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, reps: int = 10) -> dict:
@@ -56,13 +57,7 @@ def run(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, reps: in
     g.replay()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    out = {"ms": round(a.elapsed_time(b) / reps, 3), "peak_mb": round(peak / 2**20, 1),
+    out = {"ms": round(replay_ms(g, reps), 3), "peak_mb": round(peak / 2**20, 1),
            "loss": loss.item(), "grad": grad.float().clone()}
     del g
     return out
